@@ -1,0 +1,121 @@
+"""Tiny random decoders of several families, built in process (no downloads), and batch helpers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from bitune import BituneConfig, get_bitune_model
+from bitune.adapters import adapter_parameters
+
+VOCAB = 96
+PAD, BOS, EOS = 0, 1, 2
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=PAD,
+    bos_token_id=BOS,
+    eos_token_id=EOS,
+    attention_dropout=0.0,
+)
+# Per family: what makes it a distinct test case. Windows (4) are shorter than the test prompts.
+ARCHITECTURES = {
+    "llama": {},
+    "mistral": dict(sliding_window=4),  # every layer slides
+    "qwen2": {},
+    "qwen3": dict(head_dim=8),  # q/k norms
+    "gemma3_text": dict(  # sliding + full layers, pre/post norms, tied embeddings, BOS
+        head_dim=8,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    ),
+    "phi3": dict(num_key_value_heads=4),  # fused qkv_proj and gate_up_proj
+    "gemma2": dict(head_dim=8, sliding_window=4),  # eager attention, logit soft-capping
+    "gpt2": dict(  # Conv1D layers, learned absolute positions
+        n_embd=32, n_layer=3, n_head=4, n_positions=128, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0
+    ),
+}
+ARCH_NAMES = list(ARCHITECTURES)
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A seeded 3-layer random model of family ``arch`` in eval mode, fp32, on CPU."""
+    config = AutoConfig.for_model(arch, **{**_COMMON, **ARCHITECTURES[arch], **overrides})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def randomize_adapters(model, seed: int = 1, std: float = 0.3) -> None:
+    """Give every adapter weight a random value so adapters differ from each other and from zero-init."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in adapter_parameters(model.peft_model, model.bitune_config.adapter_names).values():
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def bitune_pair(arch: str, variant: str = "bitune", randomize: bool = True, **config_kwargs):
+    """(BituneModel, untouched copy of its base model) for one family."""
+    base = tiny_model(arch)
+    reference_base = copy.deepcopy(base)
+    model = get_bitune_model(base, BituneConfig(variant=variant, **config_kwargs))
+    if randomize:
+        randomize_adapters(model)
+    return model, reference_base
+
+
+def plain_peft(reference_base, model, adapter: str = "causal"):
+    """A plain PEFT model on ``reference_base`` carrying a copy of one adapter of the Bitune model."""
+    peft_model = get_peft_model(
+        reference_base, copy.deepcopy(model.adapter_configs[adapter]), adapter_name=adapter
+    )
+    weights = get_peft_model_state_dict(model.peft_model, adapter_name=adapter)
+    set_peft_model_state_dict(peft_model, weights, adapter_name=adapter)
+    return peft_model
+
+
+def make_batch(lengths, prompt_lengths, side: str = "right", seed: int = 0, width: int | None = None):
+    """Random rows of ``lengths`` real tokens padded on ``side``; labels are -100 on prompt and padding.
+
+    Returns:
+        dict with input_ids, attention_mask, labels, prompt_lengths, and per-row ``starts``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    width = width or max(lengths)
+    ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    starts = []
+    for i, (length, prompt) in enumerate(zip(lengths, prompt_lengths, strict=True)):
+        start = 0 if side == "right" else width - length
+        row = torch.randint(3, VOCAB, (length,), generator=generator)
+        ids[i, start : start + length] = row
+        mask[i, start : start + length] = 1
+        labels[i, start + prompt : start + length] = row[prompt:]
+        starts.append(start)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "prompt_lengths": torch.tensor(prompt_lengths),
+        "starts": starts,
+    }
+
+
+def zero_thetas(model) -> None:
+    with torch.no_grad():
+        model.mixing.theta_k.zero_()
+        model.mixing.theta_v.zero_()
+
+
+@pytest.fixture(params=ARCH_NAMES)
+def arch(request) -> str:
+    return request.param

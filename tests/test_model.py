@@ -1,0 +1,303 @@
+"""The correctness proof of BituneModel: equivalence with plain HF/PEFT at degenerate settings, over
+every architecture of the matrix (conftest.ARCHITECTURES)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitune import VARIANTS, BituneConfig, get_bitune_model
+from bitune.masks import layer_attention_types
+from bitune.model import BituneCausalLMOutput
+
+from conftest import ARCH_NAMES, bitune_pair, make_batch, plain_peft, zero_thetas
+
+LENGTHS, PROMPTS = [13, 9, 11], [7, 4, 9]  # mixed prompt and answer lengths; prompts > sliding window 4
+
+
+def model_inputs(batch):
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def answer_positions_in_full(batch, row: int):
+    """Columns of the full sequence whose logits match answer-pass logits 0.. of ``row``."""
+    start, prompt = batch["starts"][row], int(batch["prompt_lengths"][row])
+    length = int(batch["attention_mask"][row].sum())
+    return torch.arange(start + prompt - 1, start + length)
+
+
+def assert_answer_logits_match(out: BituneCausalLMOutput, full_logits: torch.Tensor, batch, atol=1e-5):
+    for row in range(full_logits.shape[0]):
+        columns = answer_positions_in_full(batch, row)
+        assert int(out.answer_mask[row].sum()) == len(columns)
+        torch.testing.assert_close(
+            out.logits[row, : len(columns)], full_logits[row, columns], atol=atol, rtol=1e-4
+        )
+
+
+# 1 ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_zero_theta_equals_plain_peft_with_causal_adapter(arch, side):
+    model, reference_base = bitune_pair(arch)
+    zero_thetas(model)
+    reference = plain_peft(reference_base, model)
+    batch = make_batch(LENGTHS, PROMPTS, side=side)
+    with torch.no_grad():
+        out = model(**model_inputs(batch))
+        full = reference(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=(batch["attention_mask"].cumsum(1) - 1).clamp(
+                min=0
+            ),  # left padding + absolute positions
+        ).logits
+    assert_answer_logits_match(out, full, batch)
+
+
+def test_zero_theta_greedy_generate_equals_plain_peft(arch):
+    model, reference_base = bitune_pair(arch)
+    zero_thetas(model)
+    reference = plain_peft(reference_base, model)
+    batch = make_batch([8, 5, 7], [8, 5, 7], side="left")
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ours = model.generate(batch["input_ids"], batch["attention_mask"], **kwargs)
+    with torch.no_grad():
+        theirs = reference.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs
+        )
+    assert torch.equal(ours, theirs)
+
+
+# 2 ------------------------------------------------------------------------------------------------
+def test_lora_variant_equals_plain_peft_loss_and_gradients(arch):
+    model, reference_base = bitune_pair(arch, variant="lora")
+    reference = plain_peft(reference_base, model)
+    batch = make_batch(LENGTHS, PROMPTS)
+    loss = model(**model_inputs(batch)).loss
+    loss.backward()
+    reference_loss = reference(**model_inputs(batch)).loss
+    reference_loss.backward()
+    torch.testing.assert_close(loss, reference_loss, atol=1e-6, rtol=1e-5)
+    ours = {n.removeprefix("peft_model."): p.grad for n, p in model.named_parameters() if p.requires_grad}
+    theirs = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert ours.keys() == theirs.keys() and ours
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+# 3 ------------------------------------------------------------------------------------------------
+def prefix_lm_mask(batch, config, dtype):
+    """Additive 4D mask, built independently of bitune: bidirectional among each row's prompt tokens
+    except the last (HF's symmetric inclusive window on sliding layers), causal everywhere else."""
+    mask = batch["attention_mask"].bool()
+    batch_size, width = mask.shape
+    q = torch.arange(width)[:, None]
+    k = torch.arange(width)[None, :]
+    allowed = {}
+    for kind in set(layer_attention_types(config)):
+        rows = []
+        for row in range(batch_size):
+            start, prompt = batch["starts"][row], int(batch["prompt_lengths"][row])
+            in_prefix = (q >= start) & (q < start + prompt - 1) & (k >= start) & (k < start + prompt - 1)
+            causal = k <= q
+            if kind == "sliding_attention":
+                in_prefix = in_prefix & ((q - k).abs() <= config.sliding_window)
+                causal = causal & (q - k < config.sliding_window)
+            rows.append((in_prefix | causal) & mask[row][None, :])
+        allowed[kind] = torch.stack(rows)[:, None]
+    additive = {
+        kind: torch.zeros(a.shape, dtype=dtype).masked_fill(~a, torch.finfo(dtype).min)
+        for kind, a in allowed.items()
+    }
+    return additive if len(additive) > 1 else next(iter(additive.values()))
+
+
+def test_naive_bidir_equals_prefix_lm_with_explicit_mask(arch):
+    model, reference_base = bitune_pair(arch, variant="naive_bidir")
+    reference = plain_peft(reference_base, model)
+    batch = make_batch(LENGTHS, PROMPTS)
+    positions = torch.arange(batch["input_ids"].shape[1])[None].expand(len(LENGTHS), -1)
+    with torch.no_grad():
+        out = model(**model_inputs(batch))
+        full = reference(
+            input_ids=batch["input_ids"],
+            attention_mask=prefix_lm_mask(batch, reference.config, torch.float32),
+            position_ids=positions,
+        ).logits
+    assert_answer_logits_match(out, full, batch)
+
+
+# 4 ------------------------------------------------------------------------------------------------
+def prompt_cache_tensors(model, ids):
+    with torch.no_grad():
+        cache = model.prefill(ids)
+    return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+
+
+def changed_columns(before, after, layer):
+    """Which cached columns of ``layer`` differ, as a bool per column (columns are the stored ones)."""
+    (k0, v0), (k1, v1) = before[layer], after[layer]
+    return ~(torch.isclose(k0, k1, atol=1e-6) & torch.isclose(v0, v1, atol=1e-6)).all(dim=(0, 1, 3))
+
+
+@pytest.mark.parametrize("variant", ["bitune", "only_causal"])
+def test_bidirectional_pass_lets_earlier_tokens_see_later_ones(arch, variant):
+    model, _ = bitune_pair(arch, variant=variant)
+    ids = make_batch([12], [12])["input_ids"]
+    changed_ids = ids.clone()
+    changed_ids[0, -2] = (ids[0, -2] + 1 - 3) % 90 + 3  # the last token the prompt passes read
+    before, after = prompt_cache_tensors(model, ids), prompt_cache_tensors(model, changed_ids)
+    sliding = set(layer_attention_types(model.config)) != {"full_attention"}
+    for layer in range(len(before)):
+        columns = changed_columns(before, after, layer)
+        earlier = columns[:-1]  # stored columns before the changed token
+        assert bool(columns[-1])  # the changed token itself
+        if variant == "only_causal" or layer == 0:
+            assert not bool(earlier.any()), f"layer {layer}: earlier tokens saw a later one"
+        else:
+            assert bool(earlier[-1]), f"layer {layer}: the token before the change did not see it"
+            if not sliding:
+                assert bool(earlier[0]), f"layer {layer}: the first prompt token did not see a later one"
+
+
+def test_anti_causal_pass_lets_tokens_see_only_later_ones(arch):
+    model, _ = bitune_pair(arch, variant="no_mixing", second_pass_mask="anti_causal")
+    ids = make_batch([12], [12])["input_ids"]
+    changed_ids = ids.clone()
+    changed_ids[0, -3] = (ids[0, -3] + 1 - 3) % 90 + 3  # second-to-last token the prompt passes read
+    before, after = prompt_cache_tensors(model, ids), prompt_cache_tensors(model, changed_ids)
+    for layer in range(len(before)):
+        columns = changed_columns(before, after, layer)
+        assert bool(columns[-2]) and not bool(columns[-1]), f"layer {layer}: a token saw an earlier one"
+        assert bool(columns[-3]) == (layer > 0), f"layer {layer}: wrong anti-causal dependency"
+
+
+# 5 ------------------------------------------------------------------------------------------------
+# every family with the full method; every variant (they share the batching code) on two families
+PADDING_CASES = [(a, "bitune") for a in ARCH_NAMES] + [
+    (a, v) for a in ("llama", "gemma3_text") for v in VARIANTS if v != "bitune"
+]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize(("arch", "variant"), PADDING_CASES)
+def test_padded_batch_equals_rows_alone(arch, variant, side):
+    model, _ = bitune_pair(arch, variant=variant)
+    batch = make_batch(LENGTHS, PROMPTS, side=side, width=15)
+    with torch.no_grad():
+        out = model(**model_inputs(batch))
+        total, count = 0.0, 0
+        for row in range(len(LENGTHS)):
+            single = make_batch(LENGTHS, PROMPTS)  # same seed: same tokens, unpadded row below
+            length = LENGTHS[row]
+            alone = model(
+                input_ids=single["input_ids"][row : row + 1, :length],
+                labels=single["labels"][row : row + 1, :length],
+            )
+            n = length - PROMPTS[row]
+            torch.testing.assert_close(out.logits[row, : n + 1], alone.logits[0], atol=2e-5, rtol=1e-4)
+            total, count = total + alone.loss * n, count + n
+    torch.testing.assert_close(out.loss, total / count, atol=1e-5, rtol=1e-5)
+
+
+# 6 ------------------------------------------------------------------------------------------------
+OWNED = {  # variant -> (adapters, has mixing)
+    "bitune": ({"causal", "bidir"}, True),
+    "naive_bidir": ({"causal"}, False),
+    "no_mixing": ({"causal", "bidir"}, False),
+    "only_causal": ({"causal", "bidir"}, True),
+    "shared_weights": ({"causal"}, True),
+    "lora": ({"causal"}, False),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_step_changes_exactly_what_the_variant_owns(variant):
+    adapters, has_mixing = OWNED[variant]
+    model, _ = bitune_pair("llama", variant=variant)
+    model.train()
+    assert set(model.bitune_config.adapter_names) == adapters
+    assert (model.mixing is not None) == has_mixing
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    trainable = {n for n, f in flags.items() if f}
+    expected = {n for n in before if adapters.intersection(n.split(".")) or n.startswith("mixing.")}
+    assert trainable == expected
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**model_inputs(make_batch(LENGTHS, PROMPTS))).loss.backward()
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # switching kept the flags
+    unused = sorted(n for n, p in model.named_parameters() if p.requires_grad and p.grad is None)
+    assert not unused, (
+        f"trainable parameters without a gradient (DDP would need find_unused_parameters): {unused}"
+    )
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed == trainable
+
+
+def test_bidir_adapter_skips_modules_that_cannot_reach_kv():
+    model, _ = bitune_pair("llama")
+    excluded = model.adapter_configs["bidir"].exclude_modules
+    last = "model.layers.2."
+    assert {f"{last}self_attn.q_proj", f"{last}self_attn.o_proj", f"{last}mlp.up_proj", "lm_head"} <= set(
+        excluded
+    )
+    assert not any(name.startswith("model.layers.1.") for name in excluded)
+    bidir = {n for n in dict(model.named_parameters()) if ".bidir." in n}
+    assert any(f"{last}self_attn.k_proj" in n for n in bidir)
+    assert not any(f"{last}self_attn.q_proj" in n or f"{last}mlp" in n for n in bidir)
+
+
+# 9 ------------------------------------------------------------------------------------------------
+def test_bf16_model_keeps_thetas_and_mix_in_fp32():
+    model, _ = bitune_pair("llama")
+    model.to(torch.bfloat16)
+    assert model.base_model.dtype == torch.bfloat16
+    assert model.mixing.theta_k.dtype == torch.float32 and model.mixing.theta_v.dtype == torch.float32
+    model.train()
+    out = model(**model_inputs(make_batch(LENGTHS, PROMPTS)))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.mixing.theta_k.grad.dtype == torch.float32
+    assert model.mixing.theta_k.grad.abs().sum() > 0
+
+
+# gradient checkpointing ---------------------------------------------------------------------------
+def test_gradient_checkpointing_is_refused_not_silently_wrong():
+    model, _ = bitune_pair("llama")
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model.gradient_checkpointing_enable()
+    model.base_model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(**model_inputs(make_batch(LENGTHS, PROMPTS)))
+    from conftest import tiny_model
+
+    base = tiny_model("llama")
+    base.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        get_bitune_model(base, BituneConfig())
+
+
+def test_forward_without_labels_or_prompt_lengths_is_an_error():
+    model, _ = bitune_pair("llama")
+    batch = make_batch(LENGTHS, PROMPTS)
+    with pytest.raises(ValueError, match="prompt_lengths or labels"):
+        model(batch["input_ids"], batch["attention_mask"])
+    out = model(batch["input_ids"], batch["attention_mask"], prompt_lengths=batch["prompt_lengths"])
+    assert out.loss is None and out.logits.shape[:2] == out.answer_mask.shape
+
+
+def test_a_peft_model_is_refused():
+    model, _ = bitune_pair("llama")
+    with pytest.raises(ValueError, match="PeftModel"):
+        get_bitune_model(model.peft_model)
+
+
+def test_switching_adapters_never_unfreezes_a_frozen_adapter():
+    model, _ = bitune_pair("llama")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    out = model(**model_inputs(make_batch(LENGTHS, PROMPTS)))
+    assert not out.logits.requires_grad and not out.loss.requires_grad
+    assert not any(p.requires_grad for p in model.parameters())
