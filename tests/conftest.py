@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import AutoConfig, AutoModelForCausalLM
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from bitune import BituneConfig, get_bitune_model
 from bitune.adapters import adapter_parameters
@@ -114,6 +115,15 @@ def zero_thetas(model) -> None:
     with torch.no_grad():
         model.mixing.theta_k.zero_()
         model.mixing.theta_v.zero_()
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character tokenizer over the tiny vocabulary: token i is the ASCII character 32 + i."""
+    vocab = {chr(32 + i): i for i in range(VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="#"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=chr(32 + PAD), eos_token=chr(32 + EOS))
 
 
 @pytest.fixture(params=ARCH_NAMES)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import GenerationConfig, PreTrainedTokenizerFast
+from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from bitune import left_pad
 
-from conftest import ARCH_NAMES, EOS, PAD, VOCAB, bitune_pair, make_batch, plain_peft, zero_thetas
+from conftest import ARCH_NAMES, EOS, PAD, bitune_pair, char_tokenizer, make_batch, plain_peft, zero_thetas
 
 PROMPT_LENGTHS = [9, 5, 7]
 NEW = 6
@@ -103,15 +102,6 @@ def test_streamer_sees_prompt_then_each_new_token():
     assert streamer.chunks[0] == batch["input_ids"][0].tolist()
     assert [c[0] for c in streamer.chunks[1:-1]] == out[0, 7:].tolist()
     assert streamer.chunks[-1] == "end"
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """A character tokenizer over the tiny vocabulary: token i is the ASCII character 32 + i."""
-    vocab = {chr(32 + i): i for i in range(VOCAB)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="#"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=chr(32 + PAD), eos_token=chr(32 + EOS))
 
 
 def test_stop_strings_and_eos_end_generation():
