@@ -130,3 +130,14 @@ def test_missing_directory_and_failed_save_leave_nothing_half_written(tmp_path, 
         model.save_pretrained(tmp_path / "run")
     assert (tmp_path / "run" / "mixing.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_saving_into_a_run_directory_keeps_other_files_and_drops_stale_ones(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_log.jsonl").write_text("{}\n")
+    trained_like("llama").save_pretrained(run)
+    trained_like("llama", "lora").save_pretrained(run)  # a variant without bidir adapter and mixing
+    assert sorted(p.name for p in run.iterdir()) == ["bitune_config.json", "causal", "train_log.jsonl"]
+    assert BituneModel.from_pretrained(tiny_model("llama"), run).bitune_config.variant == "lora"

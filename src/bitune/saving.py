@@ -8,13 +8,14 @@ A saved directory holds:
     mixing.safetensors        theta_k, theta_v (fp32), for variants that mix
 
 The root has no ``adapter_config.json`` on purpose: pointing plain PEFT at a Bitune directory fails
-instead of silently using one adapter. The directory is written next to its final place and renamed into
-it, so an interrupted save never leaves a half-written model behind.
+instead of silently using one adapter. Files are staged and moved into place with the config last, so an
+interrupted save never leaves a half-written model that loads.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,12 +25,13 @@ from peft import PeftConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from .config import BituneConfig
+from .config import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "bitune_config.json"
 MIXING_NAME = "mixing.safetensors"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_OWN_ENTRIES = (CAUSAL_ADAPTER, BIDIR_ADAPTER, MIXING_NAME)
 _FINGERPRINT_FIELDS = (
     "model_type",
     "num_hidden_layers",
@@ -49,10 +51,15 @@ def base_model_fingerprint(model: PreTrainedModel) -> dict[str, Any]:
 
 
 def save_bitune(model, directory: str | Path) -> None:
-    """Write ``model`` (a BituneModel) to ``directory`` atomically (see the module docstring)."""
+    """Write ``model`` (a BituneModel) into ``directory``; other files there are left alone.
+
+    Everything is first written to a staging folder inside ``directory``. The old config is removed
+    before the new files are moved in and the new config is moved in last, so a reader (which starts
+    from the config) never sees a mix of two saves, and a failed write leaves the previous save intact.
+    """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".bitune-save-", dir=directory))
     try:
         for name, adapter_config in model.adapter_configs.items():
             folder = staging / name
@@ -76,12 +83,17 @@ def save_bitune(model, directory: str | Path) -> None:
             "adapters": list(model.adapter_configs),
         }
         (staging / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
-    except BaseException:
+        (directory / CONFIG_NAME).unlink(missing_ok=True)
+        for entry in (*_OWN_ENTRIES, CONFIG_NAME):  # stale entries of an earlier save go too
+            target = directory / entry
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            if (staging / entry).exists():
+                os.replace(staging / entry, target)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def read_bitune_config(directory: str | Path) -> dict[str, Any]:
