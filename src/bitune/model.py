@@ -63,6 +63,9 @@ class BituneCausalLMOutput(CausalLMOutput):
 class BituneModel(nn.Module):
     """A decoder-only language model tuned with Bitune. Build it with `get_bitune_model`."""
 
+    # forward takes num_items_in_batch, so the HF Trainer normalises the loss over all accumulated tokens
+    accepts_loss_kwargs = True
+
     def __init__(
         self,
         peft_model: PeftModel,
@@ -201,18 +204,39 @@ class BituneModel(nn.Module):
             prompt_lengths = prompt_lengths_from_labels(labels, attention_mask)
         batch = split_prompt_answer(input_ids, attention_mask, prompt_lengths, labels)
         cache = self._prompt_cache(batch.prompt_ids, batch.prompt_mask, batch.prompt_positions)
-        with self.adapters.use(CAUSAL_ADAPTER):
-            logits = self.base_model(
-                input_ids=batch.answer_ids,
-                attention_mask=torch.cat([batch.prompt_mask, batch.answer_mask], dim=1),
-                position_ids=batch.answer_positions,
-                past_key_values=cache,
-                use_cache=True,
-            ).logits  # (B, Ta, V)
+        logits = self.answer_logits(
+            batch.answer_ids, batch.answer_mask, batch.answer_positions, cache, batch.prompt_mask
+        )
         loss = None
         if batch.targets is not None:
             loss = answer_loss(logits, batch.targets, num_items_in_batch)
         return BituneCausalLMOutput(loss=loss, logits=logits, answer_mask=batch.answer_mask)
+
+    def answer_logits(
+        self,
+        answer_ids: torch.Tensor,
+        answer_mask: torch.Tensor,
+        answer_positions: torch.Tensor,
+        cache: Cache,
+        prompt_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The causal answer pass on top of a prompt cache: (B, Ta, V) logits.
+
+        Args:
+            answer_ids: (B, Ta) right-padded answer-pass tokens (the prompt's last token first).
+            answer_mask: (B, Ta) 1 for real tokens.
+            answer_positions: (B, Ta) position ids (the prompt's real length - 1 + column).
+            cache: the prompt cache (consumed: it grows by the answer's K/V).
+            prompt_mask: (B, Tp) padding mask of the cached prompt columns.
+        """
+        with self.adapters.use(CAUSAL_ADAPTER):
+            return self.base_model(
+                input_ids=answer_ids,
+                attention_mask=torch.cat([prompt_mask, answer_mask], dim=1),
+                position_ids=answer_positions,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Cache:
         """The mixed KV cache of a batch of prompts, ready for decoding.

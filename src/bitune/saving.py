@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
@@ -134,6 +135,27 @@ def load_bitune(base_model: PreTrainedModel, directory: str | Path, is_trainable
     for adapter_config in adapter_configs.values():
         adapter_config.inference_mode = False
     model = build_bitune_model(base_model, config, adapter_configs)
+    load_weights_into(model, directory)
+    if not is_trainable:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def load_weights_into(model, directory: str | Path) -> None:
+    """Load the adapters and mixing coefficients saved in ``directory`` into an existing BituneModel
+    of the same configuration (e.g. to resume training).
+
+    Raises:
+        ValueError: if the saved weights do not fit the model's adapters or layers.
+    """
+    directory = Path(directory)
+    meta = read_bitune_config(directory)
+    if meta["adapters"] != list(model.adapter_configs):
+        raise ValueError(
+            f"{directory} holds adapters {meta['adapters']}, the model has {list(model.adapter_configs)}"
+        )
     for name in meta["adapters"]:
         weights = load_file(str(directory / name / ADAPTER_WEIGHTS), device=str(model.device))
         result = set_peft_model_state_dict(model.peft_model, weights, adapter_name=name)
@@ -143,11 +165,12 @@ def load_bitune(base_model: PreTrainedModel, directory: str | Path, is_trainable
                 f"adapter {name!r} in {directory} does not fit the model: unexpected {result.unexpected_keys[:5]}, "
                 f"missing {missing[:5]}"
             )
+    if (model.mixing is None) != (not (directory / MIXING_NAME).exists()):
+        raise ValueError(f"{directory} and the model disagree on whether there are mixing coefficients")
     if model.mixing is not None:
         thetas = load_file(str(directory / MIXING_NAME))
-        model.mixing.load_state_dict({k: v.float() for k, v in thetas.items()}, strict=True)
-    if not is_trainable:
-        for param in model.parameters():
-            param.requires_grad_(False)
-        model.eval()
-    return model
+        with torch.no_grad():
+            for name, param in model.mixing.named_parameters():
+                if name not in thetas or thetas[name].shape != param.shape:
+                    raise ValueError(f"{directory}/{MIXING_NAME} has no {name} of shape {tuple(param.shape)}")
+                param.copy_(thetas[name].float())

@@ -1,0 +1,77 @@
+"""Log-likelihood of continuations under a Bitune model, one prefill per prompt.
+
+Multiple-choice evaluation asks for log p(continuation | prompt) of every choice. The Bitune prompt cache
+depends only on the prompt, so each prompt is prefilled once (both prompt passes) and the cache is
+shared by all of its continuations, which are scored together in one batched answer pass. The prompt's
+last token opens each answer pass, exactly as in training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..batching import left_pad
+
+
+@dataclass(frozen=True)
+class ContinuationRequest:
+    """Score ``continuation`` (token ids) after ``prompt`` (token ids, ending with the template's ":")."""
+
+    prompt: tuple[int, ...]
+    continuation: tuple[int, ...]
+
+
+@torch.no_grad()
+def score_continuations(
+    model, requests: Sequence[ContinuationRequest], batch_size: int = 16
+) -> list[tuple[float, bool]]:
+    """(sum of log-probabilities, whether every token is the greedy choice) for each request.
+
+    Requests that share a prompt share one prefill; ``batch_size`` counts distinct prompts per forward.
+    """
+    if any(not r.prompt or not r.continuation for r in requests):
+        raise ValueError("every request needs a non-empty prompt and continuation")
+    prompts = list(dict.fromkeys(r.prompt for r in requests))
+    results: dict[int, tuple[float, bool]] = {}
+    for start in range(0, len(prompts), batch_size):
+        group = prompts[start : start + batch_size]
+        members = [(i, r) for i, r in enumerate(requests) if r.prompt in set(group)]
+        for (i, _), scored in zip(members, _score_group(model, group, [r for _, r in members]), strict=True):
+            results[i] = scored
+    return [results[i] for i in range(len(requests))]
+
+
+def _score_group(model, prompts: list[tuple[int, ...]], requests: list[ContinuationRequest]):
+    device = model.device
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.tensor(prompt, device=device)
+        mask[row, : len(prompt)] = 1
+    ids, mask = left_pad(ids, mask)
+    cache = model.prefill(ids, mask)  # over every prompt token but the last
+    owner = torch.tensor([prompts.index(r.prompt) for r in requests], device=device)
+    cache.batch_select_indices(owner)  # one copy of its prompt's cache per continuation
+
+    lengths = [1 + len(r.continuation) for r in requests]
+    answer = torch.zeros((len(requests), max(lengths)), dtype=torch.long, device=device)
+    answer_mask = torch.zeros_like(answer)
+    for row, r in enumerate(requests):
+        answer[row, : lengths[row]] = torch.tensor((r.prompt[-1], *r.continuation), device=device)
+        answer_mask[row, : lengths[row]] = 1
+    prompt_lengths = mask.sum(dim=1)[owner]
+    positions = prompt_lengths[:, None] - 1 + torch.arange(answer.shape[1], device=device)[None, :]
+    logits = model.answer_logits(answer, answer_mask, positions, cache, mask[:, :-1][owner])
+
+    scores = []
+    for row, r in enumerate(requests):
+        n = len(r.continuation)
+        logprobs = torch.log_softmax(logits[row, :n].float(), dim=-1)  # position j predicts continuation[j]
+        targets = torch.tensor(r.continuation, device=device)
+        chosen = logprobs.gather(1, targets[:, None]).squeeze(1)
+        scores.append((float(chosen.sum()), bool((logprobs.argmax(dim=-1) == targets).all())))
+    return scores

@@ -1,0 +1,65 @@
+"""Every shipped config loads and validates, opens with the command that runs it, and the paper's
+configs are what their generator writes."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bitune.experiments import load_compare_config
+from bitune.run_config import load_run_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PAPER = sorted((CONFIGS / "paper").rglob("*.yaml"))
+ACCELERATE = sorted((CONFIGS / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_paper_configs_validate_and_say_how_to_run(path):
+    config = load_run_config(path)
+    assert path.read_text().startswith(f"# bitune train configs/{path.relative_to(CONFIGS)}\n")
+    assert config.data.source == "hub" and config.training.gradient_accumulation_steps == 10
+
+
+def test_paper_configs_cover_the_papers_tables():
+    names = {str(p.relative_to(CONFIGS / "paper")) for p in PAPER}
+    assert len([n for n in names if n.startswith("instruct/")]) == 5 * 3  # Table 1: 5 models x 3 methods
+    assert len([n for n in names if n.startswith("downstream/")]) == 5 * 5 * 2  # Table 2
+    assert len([n for n in names if n.startswith("ablations/")]) == 2 * 7  # Tables 3 and 5
+    assert len([n for n in names if n.startswith("peft/")]) == 2 * 4  # Table 4
+    gemma = load_run_config(CONFIGS / "paper/downstream/arc_challenge/gemma-7b/bitune.yaml")
+    assert (gemma.training.learning_rate, gemma.training.max_steps) == (3e-4, 555)  # Tables 8 and 9
+    ia3 = load_run_config(CONFIGS / "paper/peft/llama3-8b/bitune_ia3.yaml")
+    assert ia3.training.learning_rate == 1e-3 and ia3.bitune.peft["peft_type"] == "IA3"
+
+
+def test_paper_configs_are_up_to_date_with_their_generator():
+    spec = importlib.util.spec_from_file_location("generate", CONFIGS / "paper" / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    expected = generate.files()
+    assert {str(p.relative_to(CONFIGS / "paper")) for p in PAPER} == set(expected)
+    for path, config in expected.items():
+        assert (CONFIGS / "paper" / path).read_text() == generate.render(path, config), path
+
+
+def test_quickstart_validates_and_says_how_to_run():
+    config = load_compare_config(CONFIGS / "quickstart.yaml")
+    assert set(config.methods) == {"pretrained", "lora", "bitune"}
+    assert config.run_config("bitune", 42).model.name == "smollm2-135m-instruct"
+    assert (CONFIGS / "quickstart.yaml").read_text().startswith("# bitune compare configs/quickstart.yaml")
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
+def test_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert path.read_text().startswith(f"# accelerate launch --config_file configs/accelerate/{path.name} ")
+    config = load_config_from_file(str(path))
+    assert (
+        config.num_processes >= 2
+        and config.distributed_type.name == yaml.safe_load(path.read_text())["distributed_type"]
+    )

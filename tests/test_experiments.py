@@ -1,0 +1,93 @@
+"""`bitune compare`: a methods x seeds grid on a tiny model, its table, resuming and failure isolation."""
+
+from __future__ import annotations
+
+import json
+
+from bitune import experiments
+from bitune.experiments import load_compare_config, results_table, run_grid
+
+from conftest import tiny_run_files
+
+
+def grid_config(tmp_path, methods=None) -> object:
+    model_dir, data_file = tiny_run_files(tmp_path)
+    config = {
+        "output_dir": str(tmp_path / "grid"),
+        "run": {
+            "model": {"name": str(model_dir)},
+            "data": {"train": str(data_file), "max_length": 64},
+            "training": {
+                "max_steps": 4,
+                "batch_size": 4,
+                "gradient_accumulation_steps": 1,
+                "learning_rate": 0.01,
+                "save_steps": 2,
+                "logging_steps": 2,
+                "report_to": ["none"],
+            },
+        },
+        "methods": methods or {"pretrained": None, "lora": {"bitune.variant": "lora"}, "bitune": {}},
+        "seeds": [1, 2],
+        "evaluation": {"tasks": ["arc_easy"], "limit": 6, "batch_size": 3},
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(json.dumps(config))
+    return load_compare_config(path)
+
+
+def test_grid_trains_evaluates_and_tabulates(tmp_path):
+    config = grid_config(tmp_path)
+    summary = run_grid(config)
+    assert not summary["failures"]
+    results = summary["results"]
+    assert set(results) == {"pretrained", "lora", "bitune"} and all(
+        set(r) == {1, 2} for r in results.values()
+    )
+    for by_seed in results.values():
+        for scores in by_seed.values():
+            assert scores["arc_easy"]["n"] == 6 and 0 <= scores["arc_easy"]["acc"] <= 1
+    assert results["pretrained"][1] == results["pretrained"][2]  # untrained: seeds cannot differ
+    assert not (tmp_path / "grid" / "pretrained" / "seed1" / "bitune_config.json").exists()
+    assert (tmp_path / "grid" / "bitune" / "seed2" / "bitune_config.json").exists()
+    table = (tmp_path / "grid" / "results.md").read_text()
+    assert table.splitlines()[0] == "| method | seeds | arc_easy | avg |"
+    assert "| pretrained | 2 | " in table and "±" in table
+    saved = json.loads((tmp_path / "grid" / "results.json").read_text())
+    assert saved["results"]["lora"]["1"]["arc_easy"] == results["lora"][1]["arc_easy"]
+
+
+def test_grid_resumes_and_isolates_failures(tmp_path, monkeypatch):
+    config = grid_config(tmp_path, methods={"lora": {"bitune.variant": "lora"}, "bitune": {}})
+    run_grid(config)
+    trained = tmp_path / "grid" / "lora" / "seed1" / "bitune_config.json"
+    stamp = trained.stat().st_mtime_ns
+    (tmp_path / "grid" / "bitune" / "seed1" / "eval.json").unlink()  # this one must be evaluated again
+
+    import bitune.evaluation
+
+    real = bitune.evaluation.evaluate_task
+    calls = []
+
+    def flaky(model, *args, **kwargs):
+        calls.append(model.bitune_config.variant)
+        raise RuntimeError("evaluation crashed")
+
+    monkeypatch.setattr(bitune.evaluation, "evaluate_task", flaky)
+    summary = run_grid(config)
+    assert trained.stat().st_mtime_ns == stamp  # finished runs are not repeated
+    assert calls == ["bitune"]  # only the missing evaluation ran
+    assert [(f["method"], f["seed"]) for f in summary["failures"]] == [("bitune", 1)]
+    assert "evaluation crashed" in summary["failures"][0]["error"]
+    assert set(summary["results"]["lora"]) == {1, 2} and set(summary["results"]["bitune"]) == {2}
+    monkeypatch.setattr(bitune.evaluation, "evaluate_task", real)
+    assert not run_grid(config)["failures"]
+
+
+def test_results_table_means_and_stds():
+    results = {"a": {1: {"x": {"acc": 0.5}, "y": {"acc": 0.7}}, 2: {"x": {"acc": 0.7}, "y": {"acc": 0.9}}}}
+    table = results_table(results, ["x", "y"])
+    assert table.splitlines()[2] == "| a | 2 | 60.0 ± 14.1 | 80.0 ± 14.1 | 70.0 ± 14.1 |"
+    assert experiments.results_table({"b": {1: {"x": {"acc": 0.25}}}}, ["x"]).endswith(
+        "| b | 1 | 25.0 | 25.0 |"
+    )

@@ -1,0 +1,176 @@
+"""`bitune train` on the HF Trainer: configs, checkpoints with trained weights only, resume after a
+SIGKILL, logs, and data-parallel training with accelerate."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bitune.run_config import load_run_config
+from bitune.training import checkpoints, is_complete_checkpoint, latest_complete_checkpoint, train
+
+from conftest import tiny_run_files
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(directory: Path, output: str, **training) -> Path:
+    model_dir, data_file = tiny_run_files(directory)
+    settings = {
+        "output_dir": str(directory / output),
+        "learning_rate": 0.01,
+        "max_steps": 8,
+        "batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "save_steps": 4,
+        "logging_steps": 2,
+        "save_total_limit": None,
+        "report_to": ["none"],
+        "seed": 3,
+        **training,
+    }
+    config = {
+        "model": {"name": str(model_dir)},
+        "data": {"train": str(data_file), "max_length": 64},
+        "training": settings,
+    }
+    path = directory / f"{output}.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def trained_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    weights = {}
+    for name in ("causal", "bidir"):
+        weights.update(
+            {f"{name}/{k}": v for k, v in load_file(run_dir / name / "adapter_model.safetensors").items()}
+        )
+    weights.update({f"mixing/{k}": v for k, v in load_file(run_dir / "mixing.safetensors").items()})
+    return weights
+
+
+def run_cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bitune", *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_train_writes_model_checkpoints_and_logs(tmp_path):
+    config = load_run_config(write_config(tmp_path, "run"))
+    run_dir = train(config)
+    assert (run_dir / "bitune_config.json").exists() and (run_dir / "run_config.yaml").exists()
+    assert [p.name for p in checkpoints(run_dir)] == ["checkpoint-4", "checkpoint-8"]
+    checkpoint = checkpoints(run_dir)[0]
+    assert is_complete_checkpoint(checkpoint)
+    files = {p.name for p in checkpoint.iterdir()}
+    assert {
+        "bitune_config.json",
+        "causal",
+        "bidir",
+        "mixing.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+    } <= files
+    assert not any(name.startswith("model") for name in files)  # no frozen base weights
+    saved = [k for f in checkpoint.rglob("*.safetensors") for k in load_file(f)]
+    assert saved and all("lora_" in k or k.startswith("theta_") for k in saved)
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    assert all(len(r["alpha_k"]) == 3 and "learning_rate" in r and "loss" in r for r in records)
+    header = (run_dir / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"step", "loss", "learning_rate", "alpha_k_00", "alpha_v_02"} <= set(header)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(config)
+
+
+def test_schedule_is_linear_with_ten_percent_warmup(tmp_path):
+    config = load_run_config(write_config(tmp_path, "run", max_steps=20, logging_steps=1, save_steps=20))
+    run_dir = train(config)
+    rates = [json.loads(line)["learning_rate"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    # the rate each update used: warmup from 0 over 2 of 20 updates, then linear decay towards 0
+    assert rates[:3] == pytest.approx([0.0, 0.005, 0.01])
+    assert rates[-1] == pytest.approx(0.01 / 18)
+    assert all(a >= b for a, b in itertools.pairwise(rates[2:]))
+
+
+def test_bad_config_fails_before_any_model_loads(tmp_path):
+    path = write_config(tmp_path, "run")
+    with pytest.raises(ValueError, match=r"training\.learning_rate must be > 0"):
+        load_run_config(path, ["training.learning_rate=0"])
+    proc = run_cli("train", str(path), "bitune.variant=bidirectional")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "BituneConfig.variant must be one of" in out
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    settings = dict(max_steps=400, save_steps=20, logging_steps=20, save_total_limit=2)
+    reference = train(load_run_config(write_config(tmp_path, "reference", **settings)))
+    path = write_config(tmp_path, "killed", **settings)
+    run_dir = tmp_path / "killed"
+    proc = run_cli("train", str(path))
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        complete = [c for c in checkpoints(run_dir) if is_complete_checkpoint(c)]
+        if complete and int(complete[-1].name.split("-")[1]) >= 60:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "bitune_config.json").exists()  # killed mid-training
+    (run_dir / "checkpoint-9999").mkdir()  # what a kill during a save leaves
+    (run_dir / "checkpoint-9999" / "optimizer.pt").write_bytes(b"partial")
+    assert latest_complete_checkpoint(run_dir).name != "checkpoint-9999"
+
+    resumed = run_cli("train", str(path), "--resume")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert not (run_dir / "checkpoint-9999").exists()
+    ours, theirs = trained_weights(run_dir), trained_weights(reference)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    single = train(
+        load_run_config(write_config(tmp_path, "single", batch_size=4, gradient_accumulation_steps=1))
+    )
+    path = write_config(tmp_path, "ddp", batch_size=2, gradient_accumulation_steps=1)
+    # `--cpu --num_processes 2` starts a single process in accelerate 1.15 (multi-CPU needs mpirun there);
+    # `--multi_gpu` on a machine without GPUs starts two torchrun processes that train on the CPU over gloo.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = subprocess.run(
+        [*launch, "-m", "bitune", "train", str(path)], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    epochs = [
+        [json.loads(line)["epoch"] for line in (d / "log.jsonl").read_text().splitlines()]
+        for d in (tmp_path / "ddp", single)
+    ]
+    assert epochs[0] == epochs[1]  # each process saw half of every global batch, not all the data
+    ours, theirs = trained_weights(tmp_path / "ddp"), trained_weights(single)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=1e-4, msg=name)
+    moved = [n for n in ours if "lora_B" in n and ours[n].abs().sum() > 0]
+    assert moved  # training did change the weights
