@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from bitune import experiments
-from bitune.experiments import load_compare_config, results_table, run_grid
+from bitune.evaluation.report import results_table
+from bitune.experiments import load_compare_config, run_grid
 
 from conftest import tiny_run_files
 
@@ -64,23 +64,23 @@ def test_grid_resumes_and_isolates_failures(tmp_path, monkeypatch):
     stamp = trained.stat().st_mtime_ns
     (tmp_path / "grid" / "bitune" / "seed1" / "eval.json").unlink()  # this one must be evaluated again
 
-    import bitune.evaluation
+    import bitune.evaluation.report
 
-    real = bitune.evaluation.evaluate_task
+    real = bitune.evaluation.report.evaluate_target
     calls = []
 
-    def flaky(model, *args, **kwargs):
-        calls.append(model.bitune_config.variant)
+    def flaky(target, *args, **kwargs):
+        calls.append(target)
         raise RuntimeError("evaluation crashed")
 
-    monkeypatch.setattr(bitune.evaluation, "evaluate_task", flaky)
+    monkeypatch.setattr(bitune.evaluation.report, "evaluate_target", flaky)
     summary = run_grid(config)
     assert trained.stat().st_mtime_ns == stamp  # finished runs are not repeated
-    assert calls == ["bitune"]  # only the missing evaluation ran
+    assert calls == [str(tmp_path / "grid" / "bitune" / "seed1")]  # only the missing evaluation ran
     assert [(f["method"], f["seed"]) for f in summary["failures"]] == [("bitune", 1)]
     assert "evaluation crashed" in summary["failures"][0]["error"]
     assert set(summary["results"]["lora"]) == {1, 2} and set(summary["results"]["bitune"]) == {2}
-    monkeypatch.setattr(bitune.evaluation, "evaluate_task", real)
+    monkeypatch.setattr(bitune.evaluation.report, "evaluate_target", real)
     assert not run_grid(config)["failures"]
 
 
@@ -88,6 +88,4 @@ def test_results_table_means_and_stds():
     results = {"a": {1: {"x": {"acc": 0.5}, "y": {"acc": 0.7}}, 2: {"x": {"acc": 0.7}, "y": {"acc": 0.9}}}}
     table = results_table(results, ["x", "y"])
     assert table.splitlines()[2] == "| a | 2 | 60.0 ± 14.1 | 80.0 ± 14.1 | 70.0 ± 14.1 |"
-    assert experiments.results_table({"b": {1: {"x": {"acc": 0.25}}}}, ["x"]).endswith(
-        "| b | 1 | 25.0 | 25.0 |"
-    )
+    assert results_table({"b": {1: {"x": {"acc": 0.25}}}}, ["x"]).endswith("| b | 1 | 25.0 | 25.0 |")

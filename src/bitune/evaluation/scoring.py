@@ -8,7 +8,7 @@ last token opens each answer pass, exactly as in training.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,22 +26,34 @@ class ContinuationRequest:
 
 @torch.no_grad()
 def score_continuations(
-    model, requests: Sequence[ContinuationRequest], batch_size: int = 16
+    model,
+    requests: Sequence[ContinuationRequest],
+    batch_size: int = 16,
+    progress: Callable[[int], object] | None = None,
 ) -> list[tuple[float, bool]]:
     """(sum of log-probabilities, whether every token is the greedy choice) for each request.
 
     Requests that share a prompt share one prefill; ``batch_size`` counts distinct prompts per forward.
+    ``progress`` is called with the number of requests scored after each forward.
     """
     if any(not r.prompt or not r.continuation for r in requests):
         raise ValueError("every request needs a non-empty prompt and continuation")
-    prompts = list(dict.fromkeys(r.prompt for r in requests))
-    results: dict[int, tuple[float, bool]] = {}
+    # longest prompts first, so each group pads little (and a memory problem shows at once)
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, r in enumerate(requests):
+        by_prompt.setdefault(r.prompt, []).append(i)
+    prompts = sorted(by_prompt, key=len, reverse=True)
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
     for start in range(0, len(prompts), batch_size):
         group = prompts[start : start + batch_size]
-        members = [(i, r) for i, r in enumerate(requests) if r.prompt in set(group)]
-        for (i, _), scored in zip(members, _score_group(model, group, [r for _, r in members]), strict=True):
+        members = [i for prompt in group for i in by_prompt[prompt]]
+        for i, scored in zip(
+            members, _score_group(model, group, [requests[i] for i in members]), strict=True
+        ):
             results[i] = scored
-    return [results[i] for i in range(len(requests))]
+        if progress is not None:
+            progress(len(members))
+    return results
 
 
 def _score_group(model, prompts: list[tuple[int, ...]], requests: list[ContinuationRequest]):

@@ -1,0 +1,169 @@
+"""Bitune as an lm-evaluation-harness model type, ``bitune``.
+
+    bitune-lm-eval --model bitune --model_args pretrained=runs/my-run --tasks bitune_paper_packaged
+    bitune-lm-eval --model bitune --model_args pretrained=smollm2-135m-instruct,bitune=runs/my-run ...
+
+``BituneLM`` is a small ``HFLM`` subclass. lm-eval joins context and continuation and truncates them before
+``_model_call``, which loses the prompt boundary Bitune needs, so it overrides as little as possible above
+that point:
+
+- ``_loglikelihood_tokens``: each distinct context (the prompt) is prefilled once with the prompt passes
+  and all of its continuations are scored from that one cache, batched (`score_continuations`);
+- generation: lm-eval's own ``_model_generate`` runs with ``self.model`` pointing at the Bitune model, whose
+  ``generate`` prefills with the prompt passes and then runs Hugging Face ``generate``;
+- ``loglikelihood_rolling`` (perplexity over a document, no prompt) uses the causal adapter only, i.e.
+  lm-eval's own scoring of the underlying model: there is no instruction to read bidirectionally.
+
+Model args are strings, so data-parallel evaluation with ``accelerate launch`` works. lm-eval finds model
+types only when their module is imported: use the ``bitune-lm-eval`` command (lm-eval's CLI with this
+module imported and bitune's task folder included) or `evaluate` from Python.
+
+A Bitune run directory is *not* a PEFT adapter directory: ``--model hf --model_args peft=RUN_DIR`` fails in
+PEFT (no ``adapter_config.json`` at the root). ``RUN_DIR/causal`` alone is a plain LoRA adapter and would be
+scored **without the bidirectional pass and the mixing**, i.e. not as Bitune.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
+
+from ..config import BituneConfig
+from ..hub import PACKAGED_MODELS, packaged_model_path
+from ..model import BituneModel, get_bitune_model
+from ..run_config import load_run_config
+from ..saving import CONFIG_NAME
+from .scoring import ContinuationRequest, score_continuations
+
+TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+PAPER_TASKS = ("bitune_piqa", "bitune_arc_challenge", "bitune_csqa", "bitune_siqa", "bitune_mmlu")
+
+
+def resolve_model_args(pretrained: str, bitune: str | None) -> tuple[str, str | None]:
+    """(loadable base model path or hub id, Bitune run directory or None).
+
+    ``pretrained`` may be a packaged alias (its cached safetensors copy is used) or a Bitune run
+    directory (its base model is read from ``run_config.yaml``).
+    """
+    if bitune is None and (Path(pretrained) / CONFIG_NAME).is_file():
+        bitune, pretrained = pretrained, load_run_config(Path(pretrained) / "run_config.yaml").model.name
+    if pretrained in PACKAGED_MODELS:
+        pretrained = str(packaged_model_path(pretrained))
+    return pretrained, bitune
+
+
+@register_model("bitune")
+class BituneLM(HFLM):
+    """lm-eval's HF model with Bitune's prompt passes (see the module docstring)."""
+
+    def __init__(self, pretrained: str, bitune: str | None = None, **kwargs) -> None:
+        pretrained, bitune = resolve_model_args(str(pretrained), bitune)
+        kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+        self._generating = False  # read by `model`, which HFLM's __init__ already uses
+        super().__init__(pretrained=pretrained, **kwargs)
+        if bitune is not None:
+            self.bitune_model = BituneModel.from_pretrained(self._model, bitune)
+        else:  # the untrained `lora` variant is exactly the pretrained model, scored by the same code path
+            self.bitune_model = get_bitune_model(self._model, BituneConfig(variant="lora")).eval()
+        self._causal_only = False
+
+    @contextmanager
+    def _plain_causal(self) -> Iterator[None]:
+        self._causal_only = True
+        try:
+            yield
+        finally:
+            self._causal_only = False
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        with self._plain_causal():
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        if self._causal_only:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        scored: list[ContinuationRequest] = []
+        for _, context, continuation in requests:
+            room = self.max_length + 1 - len(continuation)  # keep the continuation; cut the context's start
+            if room < 1:
+                raise ValueError(
+                    f"a continuation of {len(continuation)} tokens does not fit max_length {self.max_length}"
+                )
+            scored.append(ContinuationRequest(tuple(context[-room:]), tuple(continuation)))
+        batch_size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 16)
+        progress = tqdm(
+            total=len(scored), disable=disable_tqdm or self.rank != 0, desc="bitune loglikelihood"
+        )
+        results = score_continuations(
+            self.bitune_model, scored, batch_size=batch_size, progress=progress.update
+        )
+        progress.close()
+        for request, output in zip(requests, results, strict=True):
+            self.cache_hook.add_partial("loglikelihood", request[0], output)
+        return results
+
+    @property
+    def model(self):
+        # lm-eval's own generation code calls `self.model.generate(...)`: during generation that is the
+        # Bitune model (prefill with the prompt passes, then HF generate); everywhere else the HF model.
+        return self.bitune_model if self._generating else super().model
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
+        self._generating = True
+        try:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        finally:
+            self._generating = False
+
+
+def evaluate(
+    model_args: str,
+    tasks: list[str] | tuple[str, ...],
+    limit: int | float | None = None,
+    batch_size: int = 16,
+    **kwargs,
+) -> dict:
+    """Run lm-eval's ``simple_evaluate`` with the ``bitune`` model and bitune's tasks available.
+
+    Args:
+        model_args: lm-eval model args, e.g. ``"pretrained=runs/x"`` or ``"pretrained=smollm2-135m-instruct"``.
+        tasks: task or group names (``bitune_*`` tasks, or any lm-eval task).
+        limit: questions per task (lm-eval's ``limit``).
+        batch_size: prompts per forward.
+
+    Returns:
+        lm-eval's results dict.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(
+        model="bitune",
+        model_args=model_args,
+        tasks=list(tasks),
+        limit=limit,
+        batch_size=batch_size,
+        # lm-eval's own task index takes ~10 s to build; skip it when only bitune's tasks are asked for
+        task_manager=TaskManager(
+            include_path=str(TASKS_DIR), include_defaults=not all(t.startswith("bitune_") for t in tasks)
+        ),
+        **kwargs,
+    )
+
+
+def lm_eval_main(argv: list[str] | None = None) -> None:
+    """``bitune-lm-eval``: lm-eval's command line with the ``bitune`` model type and bitune's tasks."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--include_path" not in argv:
+        argv += ["--include_path", str(TASKS_DIR)]
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
