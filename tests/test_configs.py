@@ -46,6 +46,13 @@ def test_paper_configs_are_up_to_date_with_their_generator():
         assert (CONFIGS / "paper" / path).read_text() == generate.render(path, config), path
 
 
+@pytest.mark.parametrize("path", sorted((CONFIGS / "replication").glob("*.yaml")), ids=lambda p: p.name)
+def test_replication_configs_validate_and_say_how_to_run(path):
+    config = load_compare_config(path)
+    assert path.read_text().startswith(f"# bitune compare configs/replication/{path.name} ")
+    assert config.tasks and len(config.seeds) == 3 and config.report_dir.startswith("results/replication/")
+
+
 def test_quickstart_validates_and_says_how_to_run():
     config = load_compare_config(CONFIGS / "quickstart.yaml")
     assert set(config.methods) == {"pretrained", "lora", "bitune"}

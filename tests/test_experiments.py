@@ -47,12 +47,12 @@ def test_grid_trains_evaluates_and_tabulates(tmp_path):
     for by_seed in results.values():
         for scores in by_seed.values():
             assert scores["arc_easy"]["n"] == 6 and 0 <= scores["arc_easy"]["acc"] <= 1
-    assert results["pretrained"][1] == results["pretrained"][2]  # untrained: seeds cannot differ
+    assert not (tmp_path / "grid" / "pretrained" / "seed2").exists()  # untrained: scored once
     assert not (tmp_path / "grid" / "pretrained" / "seed1" / "bitune_config.json").exists()
     assert (tmp_path / "grid" / "bitune" / "seed2" / "bitune_config.json").exists()
     table = (tmp_path / "grid" / "results.md").read_text()
     assert table.splitlines()[0] == "| method | seeds | arc_easy | avg |"
-    assert "| pretrained | 2 | " in table and "±" in table
+    assert "| pretrained | 1 | " in table and "| lora | 2 | " in table and "±" in table
     saved = json.loads((tmp_path / "grid" / "results.json").read_text())
     assert saved["results"]["lora"]["1"]["arc_easy"] == results["lora"][1]["arc_easy"]
 
@@ -77,7 +77,7 @@ def test_grid_resumes_and_isolates_failures(tmp_path, monkeypatch):
     summary = run_grid(config)
     assert trained.stat().st_mtime_ns == stamp  # finished runs are not repeated
     assert calls == [str(tmp_path / "grid" / "bitune" / "seed1")]  # only the missing evaluation ran
-    assert [(f["method"], f["seed"]) for f in summary["failures"]] == [("bitune", 1)]
+    assert [(f["method"], f["seed"], f["task"]) for f in summary["failures"]] == [("bitune", 1, "all")]
     assert "evaluation crashed" in summary["failures"][0]["error"]
     assert set(summary["results"]["lora"]) == {1, 2} and set(summary["results"]["bitune"]) == {2}
     monkeypatch.setattr(bitune.evaluation.report, "evaluate_target", real)
@@ -89,3 +89,32 @@ def test_results_table_means_and_stds():
     table = results_table(results, ["x", "y"])
     assert table.splitlines()[2] == "| a | 2 | 60.0 ± 14.1 | 80.0 ± 14.1 | 70.0 ± 14.1 |"
     assert results_table({"b": {1: {"x": {"acc": 0.25}}}}, ["x"]).endswith("| b | 1 | 25.0 | 25.0 |")
+
+
+def test_downstream_grid_trains_per_task_and_plots(tmp_path):
+    config = grid_config(tmp_path, methods={"lora": {"bitune.variant": "lora"}, "bitune": {}})
+    config.tasks = ["siqa", "csqa"]
+    config.seeds = [1]
+    config.run["data"].update(limit=12, max_length=400)  # SIQA/CSQA rows are long in characters
+    summary = run_grid(config)
+    assert not summary["failures"]
+    assert set(summary["results"]) == {"lora", "bitune"} and set(summary["results"]["bitune"][1]) == {
+        "siqa",
+        "csqa",
+    }
+    run = config.run_config("bitune", 1, "siqa")
+    assert run.data.train == "siqa" and run.training.output_dir.endswith("siqa/bitune/seed1")
+    assert (tmp_path / "grid" / "csqa" / "lora" / "seed1" / "bitune_config.json").exists()
+    table = (tmp_path / "grid" / "results.md").read_text().splitlines()
+    assert table[0] == "| method | seeds | siqa | csqa | avg |"
+    rows = (tmp_path / "grid" / "results.csv").read_text().splitlines()
+    assert rows[0] == "method,seed,task,metric,score,stderr,n" and len(rows) == 1 + 2 * 2
+    plots = {
+        p.relative_to(tmp_path / "grid" / "plots").as_posix()
+        for p in (tmp_path / "grid" / "plots").rglob("*.png")
+    }
+    assert plots == {
+        f"{task}/{name}"
+        for task in ("siqa", "csqa")
+        for name in ("loss.png", "ratio_steps.png", "ratio_layers_bitune.png")
+    }

@@ -32,13 +32,13 @@ def _eval(args: argparse.Namespace) -> None:
     from .evaluation.report import evaluate_target, write_report
 
     summary = evaluate_target(
-        args.target, args.tasks, args.source, limit=args.limit, batch_size=args.batch_size
+        args.target, args.tasks, args.source, args.limit, args.batch_size, max_gen_toks=args.max_gen_toks
     )
     is_run = (Path(args.target) / "bitune_config.json").is_file()
     output = args.output or (
         Path(args.target) / "eval" if is_run else Path("runs/eval") / Path(args.target).name
     )
-    print(write_report(summary, Path(args.target).name, output))
+    print(write_report(summary, args.target, output))
     print(f"written to {output}/results.json and results.md")
 
 
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--limit", type=int, default=None, help="questions per task")
     evaluate.add_argument("--batch-size", type=int, default=16, help="prompts per forward")
+    evaluate.add_argument("--max-gen-toks", type=int, default=None, help="cap on generated tokens (GSM8K)")
     evaluate.add_argument("--output", default=None, help="report folder (default: RUN_DIR/eval)")
     evaluate.set_defaults(func=_eval)
     return parser

@@ -124,11 +124,14 @@ def test_lm_eval_cli_and_bitune_eval_end_to_end(run, tmp_path):
     assert 0 <= results["acc,none"] <= 1
 
     report = tmp_path / "report"
-    command = [sys.executable, "-m", "bitune", "eval", str(run / "run"), "--tasks", "siqa", "csqa"]
-    command += ["--limit", "3", "--output", str(report)]
+    command = [sys.executable, "-m", "bitune", "eval", str(run / "run"), "--tasks", "siqa", "gsm8k"]
+    command += ["--limit", "3", "--max-gen-toks", "16", "--output", str(report)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     table = (report / "results.md").read_text().splitlines()
-    assert table[0] == "| method | seeds | siqa | csqa | avg |" and table[2].startswith("| run | 1 | ")
+    assert table[0] == "| method | seeds | siqa | gsm8k | avg |" and table[2].startswith(
+        f"| {run / 'run'} | 1 | "
+    )
     scores = json.loads((report / "results.json").read_text())["scores"]
-    assert scores["siqa"]["n"] == 3 and set(scores) == {"siqa", "csqa"}
+    assert scores["siqa"]["n"] == 3 and set(scores) == {"siqa", "gsm8k"}
+    assert scores["gsm8k"]["metric"] == "exact_match (strict-match)"  # generative: decoded through bitune

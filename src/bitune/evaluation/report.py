@@ -47,12 +47,17 @@ def evaluate_target(
     source: str = "packaged",
     limit: int | None = None,
     batch_size: int = 16,
+    max_gen_toks: int | None = None,
 ) -> dict[str, dict]:
-    """Scores of a Bitune run directory or a base model (alias, directory, hub id) on bitune tasks."""
+    """Scores of a Bitune run directory or a base model (alias, directory, hub id) on bitune tasks.
+
+    ``max_gen_toks`` caps generation on generative tasks (GSM8K; the task's own default is 256).
+    """
     from .harness import evaluate
 
     names = [lm_eval_task(t, source) for t in tasks]
-    results = evaluate(f"pretrained={target}", names, limit=limit, batch_size=batch_size)
+    extra = {"gen_kwargs": f"max_gen_toks={max_gen_toks}"} if max_gen_toks else {}
+    results = evaluate(f"pretrained={target}", names, limit=limit, batch_size=batch_size, **extra)
     return summarize(results, list(tasks), source)
 
 

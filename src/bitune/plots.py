@@ -1,0 +1,59 @@
+"""The paper's figures as PNG files (matplotlib): the bidirectional-to-causal ratio over training steps
+(Figure 2), the final ratio per layer for K and V (Figure 3), and loss curves. Plain data in, files out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+Series = Sequence[tuple[float, float]]  # (step, value)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_lines(
+    series: dict[str, Series], path: str | Path, title: str, ylabel: str, xlabel: str = "training step"
+) -> Path:
+    """One line per label; saves a PNG to ``path`` and returns it."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label, points in series.items():
+        if points:
+            steps, values = zip(*points, strict=True)
+            axis.plot(steps, values, label=label)
+    axis.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    axis.grid(alpha=0.3)
+    if series:
+        axis.legend()
+    return _save(plt, figure, path)
+
+
+def plot_ratio_per_layer(
+    alpha_k: Sequence[float], alpha_v: Sequence[float], path: str | Path, title: str
+) -> Path:
+    """Figure 3: the final bidirectional-to-causal ratio of every layer, for keys and values."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    for axis, values, name in zip(axes, (alpha_k, alpha_v), ("Bidir. K", "Bidir. V"), strict=True):
+        axis.bar(range(len(values)), [100 * v for v in values])
+        axis.set(title=name, xlabel="layer index")
+        axis.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("ratio [%]")
+    figure.suptitle(title)
+    return _save(plt, figure, path)
+
+
+def _save(plt, figure, path: str | Path) -> Path:
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
