@@ -301,3 +301,34 @@ def test_switching_adapters_never_unfreezes_a_frozen_adapter():
     out = model(**model_inputs(make_batch(LENGTHS, PROMPTS)))
     assert not out.logits.requires_grad and not out.loss.requires_grad
     assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("arch", "variant", "mask"),
+    [
+        ("llama", "bitune", "bidirectional"),
+        ("gemma3_text", "bitune", "bidirectional"),
+        ("mistral", "bitune", "anti_causal"),
+        ("gemma3_text", "shared_weights", "anti_causal"),
+        ("qwen2", "only_causal", None),
+        ("gpt2", "bitune", "bidirectional"),
+    ],
+)
+def test_stacked_prompt_passes_equal_passes_run_one_after_the_other(arch, variant, mask):
+    model, _ = bitune_pair(arch, variant=variant, second_pass_mask=mask)
+    batch = make_batch(LENGTHS, PROMPTS, side="left")
+    with torch.no_grad():
+        stacked = model(**model_inputs(batch))
+        model.batch_prompt_passes = False
+        sequential = model(**model_inputs(batch))
+    torch.testing.assert_close(stacked.logits, sequential.logits, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(stacked.loss, sequential.loss, atol=1e-6, rtol=1e-5)
+
+
+def test_adapters_without_per_row_routing_run_passes_one_after_the_other():
+    dora = {"peft_type": "LORA", "r": 4, "use_dora": True, "target_modules": "all-linear"}
+    model, _ = bitune_pair("llama", peft_config=dora)
+    assert not model.adapters.can_route_rows  # PEFT has no mixed batches for DoRA
+    assert bitune_pair("llama")[0].adapters.can_route_rows
+    out = model(**model_inputs(make_batch(LENGTHS, PROMPTS)))
+    assert torch.isfinite(out.loss)

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import peft
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
@@ -140,6 +141,27 @@ class AdapterSwitch:
         for layer in self.layers:
             layer._active_adapter = [name]
         self.peft_model.base_model.active_adapter = name
+
+    @property
+    def can_route_rows(self) -> bool:
+        """Whether every layer can take a different adapter per batch row (PEFT's mixed-batch forward):
+        LoRA layers without DoRA."""
+        return all(isinstance(m, LoraLinear) and not any(m.use_dora.values()) for m in self.layers)
+
+    @contextmanager
+    def per_row(self, names: list[str]) -> Iterator[None]:
+        """Inside the block, batch row i runs with adapter ``names[i]`` (PEFT's ``adapter_names`` mixed
+        batch, which PEFT itself allows at inference only; gradients flow through it as usual)."""
+
+        def hook(module, args, kwargs):
+            return args, {**kwargs, "adapter_names": names}
+
+        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in self.layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @contextmanager
     def use(self, name: str) -> Iterator[None]:

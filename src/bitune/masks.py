@@ -8,6 +8,9 @@
   paper Table 5b). transformers has no switch for it, so it is passed as an explicit *additive* float
   4D mask (a boolean 4D mask is silently wrong on eager attention). Models with several attention layer
   types (Gemma 2/3: full and sliding) get one mask per type.
+
+`explicit_mask` builds such a mask with a different kind per row, which lets the two prompt passes of
+Bitune run as one forward over a doubled batch.
 """
 
 from __future__ import annotations
@@ -58,30 +61,53 @@ def anti_causal_mask(
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """Additive (B, 1, T, T) mask where query i may attend key j iff j >= i, key j is not padding and, on
     sliding-window layers, j - i < window (the transpose of transformers' causal sliding window)."""
+    return explicit_mask(["anti_causal"] * attention_mask.shape[0], attention_mask, config, dtype)
+
+
+def explicit_mask(
+    kinds: list[str], attention_mask: torch.Tensor, config: PretrainedConfig, dtype: torch.dtype
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Additive (N, 1, T, T) mask giving row n the mask ``kinds[n]`` (causal, bidirectional, anti_causal),
+    as transformers would build it for that row alone: keys that are padding are masked; on
+    sliding-window layers causal keeps q - k < window, anti-causal k - q < window and bidirectional
+    |q - k| <= window (transformers' definitions). One mask per layer type when the model has several.
+    """
     implementation = getattr(config, "_attn_implementation", None) or "eager"
     if "flash" in implementation:
         raise ValueError(
-            f"second_pass_mask='anti_causal' needs an explicit 4D mask, which {implementation} cannot take; "
+            f"{sorted(set(kinds))} prompt masks need an explicit 4D mask, which {implementation} cannot take; "
             "load the model with attn_implementation='sdpa' or 'eager'"
         )
     types = set(layer_attention_types(config))
     unsupported = types - {FULL, SLIDING}
     if unsupported:
         raise ValueError(
-            f"second_pass_mask='anti_causal' supports full and sliding-window attention layers; this model "
-            f"also has {sorted(unsupported)}"
+            f"explicit prompt masks support full and sliding-window attention layers; this model also has "
+            f"{sorted(unsupported)}"
         )
     length = attention_mask.shape[-1]
     position = torch.arange(length, device=attention_mask.device)
     offset = position[None, :] - position[:, None]  # (T, T): key index - query index
-    keys_present = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+    keys_present = attention_mask.bool()[:, None, None, :]  # (N, 1, 1, T)
     masks = {}
-    for kind in types:
-        allowed = offset >= 0
-        if kind == SLIDING:
-            allowed = allowed & (offset < config.sliding_window)
-        masks[kind] = _additive(allowed[None, None] & keys_present, dtype)  # (B, 1, T, T)
+    for layer_type in types:
+        window = config.sliding_window if layer_type == SLIDING else None
+        allowed = {kind: _allowed(kind, offset, window) for kind in set(kinds)}
+        rows = torch.stack([allowed[kind] for kind in kinds])[:, None]  # (N, 1, T, T)
+        masks[layer_type] = _additive(rows & keys_present, dtype)
     return masks if len(masks) > 1 else next(iter(masks.values()))
+
+
+def _allowed(kind: str, offset: torch.Tensor, window: int | None) -> torch.Tensor:
+    if kind == "causal":
+        allowed = offset <= 0
+        return allowed & (-offset < window) if window else allowed
+    if kind == "anti_causal":
+        allowed = offset >= 0
+        return allowed & (offset < window) if window else allowed
+    if kind == "bidirectional":
+        return offset.abs() <= window if window else torch.ones_like(offset, dtype=torch.bool)
+    raise ValueError(f"unknown prompt mask {kind!r}; expected causal, bidirectional or anti_causal")
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -62,6 +62,18 @@ class KVMixing(nn.Module):
             c.values = mix(c.values, b.values, alpha_v[i])
         return causal
 
+    def mix_stacked(self, cache: Cache, batch_size: int) -> Cache:
+        """Mix a cache whose batch holds both passes stacked, rows [0, B) causal and [B, 2B) bidirectional,
+        into the B-row mixed cache (in place, as `forward`)."""
+        if len(cache.layers) != self.num_layers:
+            raise ValueError(f"KVMixing has {self.num_layers} layers but the cache has {len(cache.layers)}")
+        alpha_k, alpha_v = self.ratios()
+        for i, layer in enumerate(cache.layers):
+            keys, values = layer.keys, layer.values  # (2B, H_kv, T, D)
+            layer.keys = mix(keys[:batch_size], keys[batch_size:], alpha_k[i])
+            layer.values = mix(values[:batch_size], values[batch_size:], alpha_v[i])
+        return cache
+
     def _apply(self, fn, recurse=True):
         # `.to(bfloat16)`, `.half()` and friends must not lower the thetas' precision (paper section 3.1).
         super()._apply(fn, recurse)

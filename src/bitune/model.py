@@ -39,9 +39,9 @@ from .batching import (
     real_token_spans,
     split_prompt_answer,
 )
-from .config import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig
+from .config import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig, PromptPass
 from .generation import generate_from_prompts
-from .masks import prompt_pass_kwargs
+from .masks import explicit_mask, prompt_pass_kwargs
 from .mixing import KVMixing
 
 _NO_CHECKPOINTING = (
@@ -79,6 +79,9 @@ class BituneModel(nn.Module):
         self.mixing = mixing
         self.bitune_config = config
         self.num_cache_layers = num_cache_layers
+        # run two prompt passes as one forward over a doubled batch (same result, less overhead);
+        # False runs them one after the other
+        self.batch_prompt_passes = True
 
     # ----------------------------------------------------------------------------------------- access
     @property
@@ -134,34 +137,56 @@ class BituneModel(nn.Module):
     def _prompt_cache(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor
     ) -> DynamicCache:
-        """Run the variant's prompt passes (decoder only, no LM head) and return the cache to answer from."""
-        decoder = self.base_model.get_decoder()
-        caches = []
-        for prompt_pass in self.bitune_config.prompt_passes:
-            cache = DynamicCache(config=decoder.config)
-            if prompt_ids.shape[1]:
-                kwargs = prompt_pass_kwargs(
-                    prompt_pass.mask, prompt_mask, decoder.config, self.base_model.dtype
-                )
-                with self.adapters.use(prompt_pass.adapter):
-                    decoder(
-                        input_ids=prompt_ids,
-                        position_ids=positions,
-                        past_key_values=cache,
-                        use_cache=True,
-                        **kwargs,
-                    )
-                if cache.get_seq_length() != prompt_ids.shape[1]:
-                    raise RuntimeError(
-                        f"the {prompt_pass.mask} prompt pass left a cache of {cache.get_seq_length()} tokens for "
-                        f"{prompt_ids.shape[1]}: the model dropped its KV cache (gradient checkpointing?)"
-                    )
-            caches.append(cache)
-        if self.mixing is None:
-            return caches[0]
+        """Run the variant's prompt passes (decoder only, no LM head) and return the cache to answer from.
+
+        Two passes run as one forward over the batch stacked twice (a mask kind and an adapter per row)
+        when the adapters allow per-row routing; otherwise one after the other.
+        """
+        passes = self.bitune_config.prompt_passes
         if not prompt_ids.shape[1]:
-            return caches[0]
+            return DynamicCache(config=self.base_model.get_decoder().config)
+        if len(passes) == 1:
+            return self._run_prompt_pass(prompt_ids, prompt_mask, positions, [passes[0]])
+        if self.batch_prompt_passes and (
+            passes[0].adapter == passes[1].adapter or self.adapters.can_route_rows
+        ):
+            stacked = self._run_prompt_pass(
+                torch.cat([prompt_ids, prompt_ids]),
+                torch.cat([prompt_mask, prompt_mask]),
+                torch.cat([positions, positions]),
+                [passes[0]] * len(prompt_ids) + [passes[1]] * len(prompt_ids),
+            )
+            return self.mixing.mix_stacked(stacked, len(prompt_ids))
+        caches = [self._run_prompt_pass(prompt_ids, prompt_mask, positions, [p]) for p in passes]
         return self.mixing(caches[0], caches[1])
+
+    def _run_prompt_pass(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, rows: list[PromptPass]
+    ) -> DynamicCache:
+        """One decoder forward filling a cache; ``rows`` is one pass for all rows, or one pass per row."""
+        decoder = self.base_model.get_decoder()
+        cache = DynamicCache(config=decoder.config)
+        kinds = {p.mask for p in rows}
+        if len(kinds) == 1:
+            kwargs = prompt_pass_kwargs(rows[0].mask, mask, decoder.config, self.base_model.dtype)
+        else:
+            kwargs = {
+                "attention_mask": explicit_mask(
+                    [p.mask for p in rows], mask, decoder.config, self.base_model.dtype
+                )
+            }
+        adapters = [p.adapter for p in rows]
+        routing = (
+            self.adapters.use(adapters[0]) if len(set(adapters)) == 1 else self.adapters.per_row(adapters)
+        )
+        with routing:
+            decoder(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, **kwargs)
+        if cache.get_seq_length() != ids.shape[1]:
+            raise RuntimeError(
+                f"a prompt pass left a cache of {cache.get_seq_length()} tokens for {ids.shape[1]}: the model "
+                "dropped its KV cache (gradient checkpointing?)"
+            )
+        return cache
 
     def _check_trainable_setup(self) -> None:
         if self.training and any(
