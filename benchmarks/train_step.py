@@ -9,8 +9,8 @@ Methods (benchmarks/shapes.py): ``hf_peft_lora`` (HF model + PEFT LoRA over the 
 -100 on the prompt), bitune's ``lora`` and ``bitune``; same random-weight model and batch (4 rows). A
 step is forward + backward + AdamW step. Steps of the methods are interleaved and medians taken, since
 this machine is noisy; only ratios within one run mean anything. Peak memory is the peak resident set
-of a separate process per method doing two steps (CPU: no allocator statistics), reported as the total
-and as the part above the process's size just before training.
+(sampled every 2 ms) of a separate process per method during two steps (CPU: no allocator statistics),
+reported as the total and as the part above the process's size just before training.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,10 +71,21 @@ def memory_child(shape: str, method: str, prompt: int, answer: int, batch_size: 
     batch = make_batch(batch_size, prompt, answer, model.config.vocab_size)
     step = step_fn(model, batch)
     before = rss_mb()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:  # the resident set, every 2 ms, while the steps run
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mb())
+            done.wait(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     step()
     step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_mb": peak, "training_mb": peak - before}))
+    done.set()
+    sampler.join()
+    print(json.dumps({"peak_mb": peak[0], "training_mb": peak[0] - before}))
 
 
 def measure_memory(shape: str, prompt: int, answer: int, batch_size: int) -> dict[str, dict[str, float]]:

@@ -13,7 +13,8 @@ from bitune.experiments import load_compare_config
 from bitune.run_config import load_run_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-PAPER = sorted((CONFIGS / "paper").rglob("*.yaml"))
+PAPER = sorted(p for p in (CONFIGS / "paper").rglob("*.yaml") if "compare" not in p.parts)
+PAPER_GRIDS = sorted((CONFIGS / "paper" / "compare").glob("*.yaml"))
 ACCELERATE = sorted((CONFIGS / "accelerate").glob("*.yaml"))
 
 
@@ -40,10 +41,22 @@ def test_paper_configs_are_up_to_date_with_their_generator():
     spec = importlib.util.spec_from_file_location("generate", CONFIGS / "paper" / "generate.py")
     generate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate)
-    expected = generate.files()
-    assert {str(p.relative_to(CONFIGS / "paper")) for p in PAPER} == set(expected)
+    expected = {**generate.files(), **generate.compare_files()}
+    assert {str(p.relative_to(CONFIGS / "paper")) for p in PAPER + PAPER_GRIDS} == set(expected)
     for path, config in expected.items():
         assert (CONFIGS / "paper" / path).read_text() == generate.render(path, config), path
+
+
+@pytest.mark.parametrize("path", PAPER_GRIDS, ids=lambda p: p.name)
+def test_paper_grids_validate_and_say_how_to_run(path):
+    config = load_compare_config(path)
+    assert path.read_text().startswith(f"# bitune compare configs/paper/compare/{path.name}\n")
+    assert config.seeds == [42, 43, 44] and config.evaluation.source == "hub"
+    if path.name.startswith("table2"):  # downstream: the paper's steps per task (Table 8)
+        assert config.run_config("bitune", 42, "arc_challenge").training.max_steps == 555
+        assert config.run_config("lora", 43, "siqa").training.max_steps == 3341
+    if path.name.startswith("table4"):  # IA3 at its own learning rate (Table 9)
+        assert config.run_config("bitune_ia3", 42).training.learning_rate == 1e-3
 
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "replication").glob("*.yaml")), ids=lambda p: p.name)

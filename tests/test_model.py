@@ -255,6 +255,7 @@ def test_bf16_model_keeps_thetas_and_mix_in_fp32():
     assert model.base_model.dtype == torch.bfloat16
     assert model.mixing.theta_k.dtype == torch.float32 and model.mixing.theta_v.dtype == torch.float32
     model.train()
+    model.stack_prompt_passes = True
     out = model(**model_inputs(make_batch(LENGTHS, PROMPTS)))
     assert torch.isfinite(out.loss)
     out.loss.backward()
@@ -316,13 +317,19 @@ def test_switching_adapters_never_unfreezes_a_frozen_adapter():
 )
 def test_stacked_prompt_passes_equal_passes_run_one_after_the_other(arch, variant, mask):
     model, _ = bitune_pair(arch, variant=variant, second_pass_mask=mask)
+    model.train()
     batch = make_batch(LENGTHS, PROMPTS, side="left")
-    with torch.no_grad():
-        stacked = model(**model_inputs(batch))
-        model.batch_prompt_passes = False
-        sequential = model(**model_inputs(batch))
-    torch.testing.assert_close(stacked.logits, sequential.logits, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(stacked.loss, sequential.loss, atol=1e-6, rtol=1e-5)
+    outputs, grads = {}, {}
+    for stack in (True, False):
+        model.stack_prompt_passes = stack
+        model.zero_grad(set_to_none=True)
+        outputs[stack] = model(**model_inputs(batch))
+        outputs[stack].loss.backward()
+        grads[stack] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(outputs[True].logits, outputs[False].logits, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(outputs[True].loss, outputs[False].loss, atol=1e-6, rtol=1e-5)
+    for name, grad in grads[False].items():  # each adapter learns from its own pass only
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_adapters_without_per_row_routing_run_passes_one_after_the_other():
@@ -330,5 +337,6 @@ def test_adapters_without_per_row_routing_run_passes_one_after_the_other():
     model, _ = bitune_pair("llama", peft_config=dora)
     assert not model.adapters.can_route_rows  # PEFT has no mixed batches for DoRA
     assert bitune_pair("llama")[0].adapters.can_route_rows
+    model.stack_prompt_passes = True
     out = model(**model_inputs(make_batch(LENGTHS, PROMPTS)))
     assert torch.isfinite(out.loss)

@@ -144,24 +144,46 @@ class AdapterSwitch:
 
     @property
     def can_route_rows(self) -> bool:
-        """Whether every layer can take a different adapter per batch row (PEFT's mixed-batch forward):
-        LoRA layers without DoRA."""
+        """Whether `per_row` is exact for every layer: plain LoRA (no DoRA, whose weight normalisation also
+        touches rows that bypass its low-rank path)."""
         return all(isinstance(m, LoraLinear) and not any(m.use_dora.values()) for m in self.layers)
 
     @contextmanager
     def per_row(self, names: list[str]) -> Iterator[None]:
-        """Inside the block, batch row i runs with adapter ``names[i]`` (PEFT's ``adapter_names`` mixed
-        batch, which PEFT itself allows at inference only; gradients flow through it as usual)."""
+        """Inside the block, batch row i runs with adapter ``names[i]``.
 
-        def hook(module, args, kwargs):
-            return args, {**kwargs, "adapter_names": names}
+        Every named adapter is active in every layer, and each adapter's ``lora_A`` sees its input
+        multiplied by a 0/1 mask of its rows, so a row receives exactly its own adapter's update (and its
+        gradient reaches only that adapter). This costs one extra rank-r product per layer; PEFT's own
+        mixed-batch path (``adapter_names``, inference only there) gathers and scatters sub-batches
+        instead and measured slower here.
+        """
+        unique = list(dict.fromkeys(names))
+        rows = {name: torch.tensor([n == name for n in names]) for name in unique}
 
-        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in self.layers]
+        def masked(name: str):
+            def hook(module, args):
+                x = args[0]
+                mask = rows[name].to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+                return (x * mask, *args[1:])
+
+            return hook
+
+        handles = [
+            layer.lora_A[name].register_forward_pre_hook(masked(name))
+            for layer in self.layers
+            for name in unique
+            if name in layer.lora_A
+        ]
+        previous = self.current
+        for layer in self.layers:
+            layer._active_adapter = unique
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+            self._set(previous)
 
     @contextmanager
     def use(self, name: str) -> Iterator[None]:

@@ -81,6 +81,10 @@ class CompareConfig:
     tasks: Optional[List[str]] = field(
         default=None, metadata={"help": "Downstream setting: train and score on each of these tasks."}
     )
+    task_overrides: Dict[str, Dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={"help": "Per task of `tasks`: extra overrides (e.g. the paper's steps per task, Table 8)."},
+    )
     report_dir: Optional[str] = field(
         default=None,
         metadata={"help": "Where tables and plots go (default: output_dir), e.g. under results/."},
@@ -94,6 +98,9 @@ class CompareConfig:
             raise ValueError("seeds must list at least one seed")
         for task in self.tasks or ():
             _check_task("tasks", task, self.evaluation.source)
+        unknown = sorted(set(self.task_overrides) - set(self.tasks or ()))
+        if unknown:
+            raise ValueError(f"task_overrides names tasks that are not in `tasks`: {unknown}")
         for task in self.grid_tasks:  # validate every run config before anything is trained
             for name in self.methods:
                 self.run_config(name, self.seeds[0], task)
@@ -118,6 +125,7 @@ class CompareConfig:
         overrides += [f"training.seed={seed}", f"training.output_dir={self.run_dir(method, seed, task)}"]
         if task != ALL:
             overrides += [f"data.train={task}", f"data.source={self.evaluation.source}"]
+            overrides += [f"{k}={_yaml_value(v)}" for k, v in self.task_overrides.get(task, {}).items()]
         base = OmegaConf.merge(config_node(None), OmegaConf.create(self.run))
         node = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
         try:

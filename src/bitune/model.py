@@ -79,9 +79,10 @@ class BituneModel(nn.Module):
         self.mixing = mixing
         self.bitune_config = config
         self.num_cache_layers = num_cache_layers
-        # run two prompt passes as one forward over a doubled batch (same result, less overhead);
-        # False runs them one after the other
-        self.batch_prompt_passes = True
+        # Two prompt passes as one forward over a doubled batch (same result): "auto" does it when both
+        # passes use one adapter (measured faster on CPU), True also routes two adapters per row (measured
+        # slower on CPU: benchmarks/RESULTS.md), False never.
+        self.stack_prompt_passes: bool | str = "auto"
 
     # ----------------------------------------------------------------------------------------- access
     @property
@@ -139,17 +140,17 @@ class BituneModel(nn.Module):
     ) -> DynamicCache:
         """Run the variant's prompt passes (decoder only, no LM head) and return the cache to answer from.
 
-        Two passes run as one forward over the batch stacked twice (a mask kind and an adapter per row)
-        when the adapters allow per-row routing; otherwise one after the other.
+        Two passes run one after the other, or as one forward over the batch stacked twice (a mask kind and
+        an adapter per row), as `stack_prompt_passes` says.
         """
         passes = self.bitune_config.prompt_passes
         if not prompt_ids.shape[1]:
             return DynamicCache(config=self.base_model.get_decoder().config)
         if len(passes) == 1:
             return self._run_prompt_pass(prompt_ids, prompt_mask, positions, [passes[0]])
-        if self.batch_prompt_passes and (
-            passes[0].adapter == passes[1].adapter or self.adapters.can_route_rows
-        ):
+        shared = passes[0].adapter == passes[1].adapter
+        stack = self.stack_prompt_passes
+        if (stack == "auto" and shared) or (stack is True and (shared or self.adapters.can_route_rows)):
             stacked = self._run_prompt_pass(
                 torch.cat([prompt_ids, prompt_ids]),
                 torch.cat([prompt_mask, prompt_mask]),
