@@ -8,7 +8,8 @@ Training step (paper Algorithm 2), for a batch of prompt + answer rows:
     logits   = causal_lm([prompt[-1]] + answer, cache)    # causal adapter
     loss     = cross_entropy(logits, answer + EOS)        # answer tokens only
 
-Every variant of the paper is a different list of prompt passes (config.py); the answer pass is shared.
+Every variant of the paper is a different list of prompt passes (config.py, run by prompt_passes.py); the answer
+pass is shared.
 Nothing of the model is copied or patched: passes go through the model's public arguments (``is_causal``,
 ``attention_mask``, ``position_ids``, ``past_key_values``), so one code path serves every decoder.
 """
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftConfig, PeftModel
 from torch import nn
-from transformers import Cache, DynamicCache, PreTrainedModel
+from transformers import Cache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from .adapters import (
@@ -39,10 +40,10 @@ from .batching import (
     real_token_spans,
     split_prompt_answer,
 )
-from .config import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig, PromptPass
+from .config import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig
 from .generation import generate_from_prompts
-from .masks import explicit_mask, prompt_pass_kwargs
 from .mixing import KVMixing
+from .prompt_passes import prompt_cache
 
 _NO_CHECKPOINTING = (
     "Bitune does not support gradient checkpointing: Hugging Face's checkpointed layers drop the KV caches "
@@ -135,60 +136,6 @@ class BituneModel(nn.Module):
         )
 
     # ------------------------------------------------------------------------------------ the method
-    def _prompt_cache(
-        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor
-    ) -> DynamicCache:
-        """Run the variant's prompt passes (decoder only, no LM head) and return the cache to answer from.
-
-        Two passes run one after the other, or as one forward over the batch stacked twice (a mask kind and
-        an adapter per row), as `stack_prompt_passes` says.
-        """
-        passes = self.bitune_config.prompt_passes
-        if not prompt_ids.shape[1]:
-            return DynamicCache(config=self.base_model.get_decoder().config)
-        if len(passes) == 1:
-            return self._run_prompt_pass(prompt_ids, prompt_mask, positions, [passes[0]])
-        shared = passes[0].adapter == passes[1].adapter
-        stack = self.stack_prompt_passes
-        if (stack == "auto" and shared) or (stack is True and (shared or self.adapters.can_route_rows)):
-            stacked = self._run_prompt_pass(
-                torch.cat([prompt_ids, prompt_ids]),
-                torch.cat([prompt_mask, prompt_mask]),
-                torch.cat([positions, positions]),
-                [passes[0]] * len(prompt_ids) + [passes[1]] * len(prompt_ids),
-            )
-            return self.mixing.mix_stacked(stacked, len(prompt_ids))
-        caches = [self._run_prompt_pass(prompt_ids, prompt_mask, positions, [p]) for p in passes]
-        return self.mixing(caches[0], caches[1])
-
-    def _run_prompt_pass(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, rows: list[PromptPass]
-    ) -> DynamicCache:
-        """One decoder forward filling a cache; ``rows`` is one pass for all rows, or one pass per row."""
-        decoder = self.base_model.get_decoder()
-        cache = DynamicCache(config=decoder.config)
-        kinds = {p.mask for p in rows}
-        if len(kinds) == 1:
-            kwargs = prompt_pass_kwargs(rows[0].mask, mask, decoder.config, self.base_model.dtype)
-        else:
-            kwargs = {
-                "attention_mask": explicit_mask(
-                    [p.mask for p in rows], mask, decoder.config, self.base_model.dtype
-                )
-            }
-        adapters = [p.adapter for p in rows]
-        routing = (
-            self.adapters.use(adapters[0]) if len(set(adapters)) == 1 else self.adapters.per_row(adapters)
-        )
-        with routing:
-            decoder(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, **kwargs)
-        if cache.get_seq_length() != ids.shape[1]:
-            raise RuntimeError(
-                f"a prompt pass left a cache of {cache.get_seq_length()} tokens for {ids.shape[1]}: the model "
-                "dropped its KV cache (gradient checkpointing?)"
-            )
-        return cache
-
     def _check_trainable_setup(self) -> None:
         if self.training and any(
             getattr(m, "gradient_checkpointing", False) for m in self.base_model.modules()
@@ -229,7 +176,7 @@ class BituneModel(nn.Module):
                 )
             prompt_lengths = prompt_lengths_from_labels(labels, attention_mask)
         batch = split_prompt_answer(input_ids, attention_mask, prompt_lengths, labels)
-        cache = self._prompt_cache(batch.prompt_ids, batch.prompt_mask, batch.prompt_positions)
+        cache = prompt_cache(self, batch.prompt_ids, batch.prompt_mask, batch.prompt_positions)
         logits = self.answer_logits(
             batch.answer_ids, batch.answer_mask, batch.answer_positions, cache, batch.prompt_mask
         )
@@ -287,7 +234,7 @@ class BituneModel(nn.Module):
                 "lines up with input_ids for decoding; pad with bitune.left_pad(input_ids, attention_mask)"
             )
         positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        return self._prompt_cache(input_ids[:, :-1], attention_mask[:, :-1].long(), positions[:, :-1])
+        return prompt_cache(self, input_ids[:, :-1], attention_mask[:, :-1].long(), positions[:, :-1])
 
     @torch.no_grad()
     def generate(
