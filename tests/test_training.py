@@ -109,6 +109,18 @@ def test_schedule_is_linear_with_ten_percent_warmup(tmp_path):
     assert all(a >= b for a, b in itertools.pairwise(rates[2:]))
 
 
+def test_checkpointed_prompt_passes_train_to_the_same_weights(tmp_path):
+    plain = train(load_run_config(write_config(tmp_path, "plain", max_steps=4)))
+    recomputed = train(
+        load_run_config(write_config(tmp_path, "recomputed", max_steps=4, checkpoint_prompt_passes=True))
+    )
+    expected, got = trained_weights(plain), trained_weights(recomputed)
+    assert expected.keys() == got.keys() and expected
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert load_run_config(recomputed / "run_config.yaml").training.checkpoint_prompt_passes
+
+
 def test_bad_config_fails_before_any_model_loads(tmp_path):
     path = write_config(tmp_path, "run")
     with pytest.raises(ValueError, match=r"training\.learning_rate must be > 0"):

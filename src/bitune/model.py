@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft import PeftConfig, PeftModel
 from torch import nn
 from transformers import Cache, PreTrainedModel
@@ -34,7 +33,6 @@ from .adapters import (
     with_excluded_modules,
 )
 from .batching import (
-    IGNORE_INDEX,
     is_left_padded,
     prompt_lengths_from_labels,
     real_token_spans,
@@ -42,13 +40,15 @@ from .batching import (
 )
 from .config import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig
 from .generation import generate_from_prompts
+from .loss import answer_loss, linear_cross_entropy, plain_lm_head
 from .mixing import KVMixing
 from .prompt_passes import prompt_cache
 
 _NO_CHECKPOINTING = (
-    "Bitune does not support gradient checkpointing: Hugging Face's checkpointed layers drop the KV caches "
-    "that carry the prompt passes into the answer pass. Turn it off (save memory with a smaller micro-batch "
-    "and gradient accumulation instead)."
+    "Bitune does not support Hugging Face's gradient checkpointing: its checkpointed layers drop the KV caches "
+    "that carry the prompt passes into the answer pass. Turn it off; to save memory, recompute the prompt "
+    "passes in backward instead (model.checkpoint_prompt_passes = True, or training.checkpoint_prompt_passes "
+    "in a run config), or use a smaller micro-batch with gradient accumulation."
 )
 
 
@@ -56,7 +56,8 @@ _NO_CHECKPOINTING = (
 class BituneCausalLMOutput(CausalLMOutput):
     """``logits[i, j]`` scores the token after answer-pass position j of row i, i.e. the token at
     ``prompt_lengths[i] + j`` of the row's real tokens; ``answer_mask`` marks real answer-pass positions.
-    Prompt positions have no logits: the prompt passes never run the LM head."""
+    Prompt positions have no logits: the prompt passes never run the LM head. ``logits`` is None when the
+    loss was computed without them (``skip_logits``)."""
 
     answer_mask: torch.Tensor | None = None
 
@@ -73,6 +74,7 @@ class BituneModel(nn.Module):
         config: BituneConfig,
         mixing: KVMixing | None,
         num_cache_layers: int,
+        head_is_plain: bool = False,
     ) -> None:
         super().__init__()
         self.peft_model = peft_model
@@ -80,10 +82,17 @@ class BituneModel(nn.Module):
         self.mixing = mixing
         self.bitune_config = config
         self.num_cache_layers = num_cache_layers
+        # Whether the logits are the output embedding of the decoder's last hidden state (loss.plain_lm_head):
+        # then training never materialises them (loss.linear_cross_entropy).
+        self.head_is_plain = head_is_plain
         # Two prompt passes as one forward over a doubled batch (same result): "auto" does it when both
         # passes use one adapter (measured faster on CPU), True also routes two adapters per row (measured
         # slower on CPU: benchmarks/RESULTS.md), False never.
         self.stack_prompt_passes: bool | str = "auto"
+        # Keep only the prompt caches from forward and recompute the prompt passes' activations in backward:
+        # less memory (the prompt passes' activations are most of Bitune's extra) for one more forward of
+        # the prompt passes. Same loss and gradients.
+        self.checkpoint_prompt_passes: bool = False
 
     # ----------------------------------------------------------------------------------------- access
     @property
@@ -149,6 +158,7 @@ class BituneModel(nn.Module):
         labels: torch.Tensor | None = None,
         prompt_lengths: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        skip_logits: bool | None = None,
         **kwargs,
     ) -> BituneCausalLMOutput:
         """Score the answers of a batch of prompt + answer rows.
@@ -161,6 +171,10 @@ class BituneModel(nn.Module):
                 ``labels`` (the leading -100 run) when absent.
             num_items_in_batch: number of supervised tokens over all accumulated micro-batches (passed by
                 the HF Trainer); the loss is then a sum divided by it, as transformers does.
+            skip_logits: compute the loss without materialising the logits (returned as None): the LM head
+                runs in chunks over the supervised tokens only. Default: when training with labels and
+                gradients enabled. Models whose logits are more than a linear head (e.g. soft-capped) compute
+                the loss from full logits either way.
 
         Returns:
             A ``CausalLMOutput`` with ``loss`` over answer tokens only and the answer-pass ``logits``
@@ -175,15 +189,32 @@ class BituneModel(nn.Module):
                     "BituneModel.forward needs prompt_lengths or labels to find the prompt boundary"
                 )
             prompt_lengths = prompt_lengths_from_labels(labels, attention_mask)
+        if skip_logits is None:
+            skip_logits = self.training and labels is not None and torch.is_grad_enabled()
         batch = split_prompt_answer(input_ids, attention_mask, prompt_lengths, labels)
         cache = prompt_cache(self, batch.prompt_ids, batch.prompt_mask, batch.prompt_positions)
-        logits = self.answer_logits(
-            batch.answer_ids, batch.answer_mask, batch.answer_positions, cache, batch.prompt_mask
-        )
+        answer = (batch.answer_ids, batch.answer_mask, batch.answer_positions, cache, batch.prompt_mask)
+        head = self._fusable_head()
+        if skip_logits and batch.targets is not None and head is not None:
+            loss = linear_cross_entropy(self.answer_hidden(*answer), head, batch.targets, num_items_in_batch)
+            return BituneCausalLMOutput(loss=loss, logits=None, answer_mask=batch.answer_mask)
+        logits = self.answer_logits(*answer)
         loss = None
         if batch.targets is not None:
             loss = answer_loss(logits, batch.targets, num_items_in_batch)
-        return BituneCausalLMOutput(loss=loss, logits=logits, answer_mask=batch.answer_mask)
+        return BituneCausalLMOutput(
+            loss=loss, logits=None if skip_logits else logits, answer_mask=batch.answer_mask
+        )
+
+    def _fusable_head(self) -> nn.Linear | None:
+        """The LM head if the loss may bypass the logits: plain (probed at build), still a frozen
+        ``nn.Linear`` (not wrapped by an adapter)."""
+        head = self.base_model.get_output_embeddings()
+        if not self.head_is_plain or type(head) is not nn.Linear:
+            return None
+        if any(p.requires_grad for p in head.parameters()):
+            return None
+        return head
 
     def answer_logits(
         self,
@@ -204,12 +235,22 @@ class BituneModel(nn.Module):
         """
         with self.adapters.use(CAUSAL_ADAPTER):
             return self.base_model(
-                input_ids=answer_ids,
-                attention_mask=torch.cat([prompt_mask, answer_mask], dim=1),
-                position_ids=answer_positions,
-                past_key_values=cache,
-                use_cache=True,
+                **_answer_inputs(answer_ids, answer_mask, answer_positions, cache, prompt_mask)
             ).logits
+
+    def answer_hidden(
+        self,
+        answer_ids: torch.Tensor,
+        answer_mask: torch.Tensor,
+        answer_positions: torch.Tensor,
+        cache: Cache,
+        prompt_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """`answer_logits` without the LM head: the decoder's last hidden states (B, Ta, H)."""
+        decoder = self.base_model.get_decoder()
+        with self.adapters.use(CAUSAL_ADAPTER):
+            inputs = _answer_inputs(answer_ids, answer_mask, answer_positions, cache, prompt_mask)
+            return decoder(**inputs).last_hidden_state
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Cache:
         """The mixed KV cache of a batch of prompts, ready for decoding.
@@ -275,21 +316,14 @@ class BituneModel(nn.Module):
         return load_bitune(base_model, directory, is_trainable=is_trainable)
 
 
-def answer_loss(
-    logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
-) -> torch.Tensor:
-    """Token-level cross-entropy over supervised targets, in fp32 like transformers' causal LM loss."""
-    total = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        targets.reshape(-1).to(logits.device),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
+def _answer_inputs(answer_ids, answer_mask, answer_positions, cache, prompt_mask) -> dict:
+    return dict(
+        input_ids=answer_ids,
+        attention_mask=torch.cat([prompt_mask, answer_mask], dim=1),
+        position_ids=answer_positions,
+        past_key_values=cache,
+        use_cache=True,
     )
-    if num_items_in_batch is None:
-        num_items_in_batch = (targets != IGNORE_INDEX).sum()
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
 
 
 def get_bitune_model(model: PreTrainedModel, config: BituneConfig | None = None) -> BituneModel:
@@ -317,6 +351,7 @@ def build_bitune_model(
     if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         raise ValueError(_NO_CHECKPOINTING)
     unreachable, num_cache_layers = modules_without_kv_influence(model)
+    head_is_plain = plain_lm_head(model)
     if adapter_configs is None:
         adapter_configs = {CAUSAL_ADAPTER: config.peft_config}
         if BIDIR_ADAPTER in config.adapter_names:
@@ -325,4 +360,4 @@ def build_bitune_model(
     mixing = None
     if config.uses_mixing:
         mixing = KVMixing(num_cache_layers, config.theta_init, device=model.device)
-    return BituneModel(peft_model, config, mixing, num_cache_layers)
+    return BituneModel(peft_model, config, mixing, num_cache_layers, head_is_plain)

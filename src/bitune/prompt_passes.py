@@ -4,6 +4,10 @@ A variant is a list of passes (config.py): Bitune has two, a causal one with the
 bidirectional one with the bidirectional adapter, whose caches are mixed per layer (mixing.py). The two
 passes run one after the other, or as one forward over the batch stacked twice, each row with its own mask
 kind (masks.py) and adapter (adapters.py); both give the same cache.
+
+With ``model.checkpoint_prompt_passes`` each forward is checkpointed as a whole (torch's non-reentrant
+activation checkpointing): only its cache is kept, and backward recomputes the pass's activations just
+before it needs them. Hugging Face's per-layer checkpointing cannot be used instead: it drops the cache.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 from .config import PromptPass
@@ -55,10 +60,19 @@ def run_prompt_pass(
     model: BituneModel, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, rows: list[PromptPass]
 ) -> DynamicCache:
     """One decoder forward filling a cache; ``rows`` is one pass for all rows, or one pass per row.
+    Checkpointed (recomputed in backward) when ``model.checkpoint_prompt_passes`` and gradients are on.
 
     Raises:
         RuntimeError: if the model dropped its cache (the answer pass would silently lose the prompt).
     """
+    if model.checkpoint_prompt_passes and torch.is_grad_enabled():
+        return checkpoint(_prompt_pass, model, ids, mask, positions, rows, use_reentrant=False)
+    return _prompt_pass(model, ids, mask, positions, rows)
+
+
+def _prompt_pass(
+    model: BituneModel, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, rows: list[PromptPass]
+) -> DynamicCache:
     base = model.base_model
     decoder = base.get_decoder()
     cache = DynamicCache(config=decoder.config)

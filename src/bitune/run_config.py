@@ -130,6 +130,14 @@ class TrainingSection:
         default_factory=lambda: ["tensorboard"], metadata={"help": "HF integrations."}
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    checkpoint_prompt_passes: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute the prompt passes in backward instead of keeping their activations: less "
+            "memory for one more forward of the prompt passes (Hugging Face's gradient checkpointing would "
+            "drop the prompt caches and is refused)."
+        },
+    )
 
     def __post_init__(self) -> None:
         positive = (

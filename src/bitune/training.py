@@ -209,6 +209,7 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     if not rows:
         raise ValueError(f"no training rows left from {config.data.train!r} (see the summary above)")
     bitune_model = get_bitune_model(model, config.bitune.to_bitune_config())
+    bitune_model.checkpoint_prompt_passes = config.training.checkpoint_prompt_passes
     args = training_arguments(config, dtype)
     if args.should_save:
         save_run_config(config, output_dir / RUN_CONFIG_NAME)
