@@ -46,8 +46,9 @@ SHAPES = {
         eos_token_id=1,
     ),
 }
-# what users run today (HF model + PEFT LoRA, labels -100 on the prompt), and bitune's variants
-METHODS = ("hf_peft_lora", "lora", "bitune")
+# what users run today (HF model + PEFT LoRA, labels -100 on the prompt), bitune's variants, and Bitune
+# with its prompt passes recomputed in backward (checkpoint_prompt_passes: less memory, more time)
+METHODS = ("hf_peft_lora", "lora", "bitune", "bitune_recompute")
 
 
 def random_model(shape: str, seed: int = 0) -> torch.nn.Module:
@@ -62,6 +63,10 @@ def build(method: str, base: torch.nn.Module) -> torch.nn.Module:
     model = copy.deepcopy(base)
     if method == "hf_peft_lora":
         return get_peft_model(model, default_peft_config())
+    if method == "bitune_recompute":
+        bitune = get_bitune_model(model, BituneConfig(variant="bitune"))
+        bitune.checkpoint_prompt_passes = True
+        return bitune
     return get_bitune_model(model, BituneConfig(variant=method))
 
 

@@ -6,7 +6,8 @@ one run.
     python benchmarks/train_step.py --no-memory                       # time only
 
 Methods (benchmarks/shapes.py): ``hf_peft_lora`` (HF model + PEFT LoRA over the whole sequence, labels
--100 on the prompt), bitune's ``lora`` and ``bitune``; same random-weight model and batch (4 rows). A
+-100 on the prompt), bitune's ``lora`` and ``bitune``, and ``bitune_recompute`` (``checkpoint_prompt_passes``);
+same random-weight model and batch (4 rows), each in training mode as ``bitune train`` runs it. A
 step is forward + backward + AdamW step. Steps of the methods are interleaved and medians taken, since
 this machine is noisy; only ratios within one run mean anything. Peak memory is the peak resident set
 (sampled every 2 ms) of a separate process per method during two steps (CPU: no allocator statistics),
@@ -44,17 +45,19 @@ def step_fn(model, batch):
     return step
 
 
-def time_steps(shape: str, prompt: int, answer: int, batch_size: int, repeats: int) -> dict[str, float]:
+def time_steps(
+    shape: str, prompt: int, answer: int, batch_size: int, repeats: int, methods: list[str]
+) -> dict[str, float]:
     base = random_model(shape)
     batch = make_batch(batch_size, prompt, answer, base.config.vocab_size)
     steps = {}
-    for method in METHODS:
+    for method in methods:
         model = build(method, base).train()
         steps[method] = step_fn(model, batch)
         steps[method]()  # warm-up
-    times = {m: [] for m in METHODS}
+    times = {m: [] for m in methods}
     for _ in range(repeats):
-        for method in METHODS:
+        for method in methods:
             times[method].append(steps[method]())
     return {m: statistics.median(t) for m, t in times.items()}
 
@@ -88,9 +91,11 @@ def memory_child(shape: str, method: str, prompt: int, answer: int, batch_size: 
     print(json.dumps({"peak_mb": peak[0], "training_mb": peak[0] - before}))
 
 
-def measure_memory(shape: str, prompt: int, answer: int, batch_size: int) -> dict[str, dict[str, float]]:
+def measure_memory(
+    shape: str, prompt: int, answer: int, batch_size: int, methods: list[str]
+) -> dict[str, dict[str, float]]:
     out = {}
-    for method in METHODS:
+    for method in methods:
         args = [
             sys.executable,
             __file__,
@@ -115,6 +120,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per method (after one warm-up)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -122,32 +128,29 @@ def main() -> None:
         memory_child(shape, method, int(prompt), int(answer), int(batch))
         return
 
+    methods = ["hf_peft_lora", *(m for m in args.methods if m != "hf_peft_lora")]
     print(
         f"batch={args.batch} repeats={args.repeats} threads={torch.get_num_threads()} torch={torch.__version__}"
     )
-    print(
-        "| shape | prompt:answer | hf_peft_lora [s] | lora [s] | bitune [s] | bitune / hf_peft_lora "
-        "| lora / hf_peft_lora | bitune / lora | peak MB hf / lora / bitune | peak ratio bitune / hf "
-        "| training MB hf / lora / bitune |"
-    )
-    print("|---" * 11 + "|")
+    others = methods[1:]
+    header = ["shape", "prompt:answer", *(f"{m} [s]" for m in methods), *(f"{m} / hf" for m in others)]
+    if not args.no_memory:
+        header += [*(f"peak MB {m}" for m in methods), *(f"peak {m} / hf" for m in others)]
+        header += [f"training MB {m}" for m in methods]
+    print("| " + " | ".join(header) + " |")
+    print("|---" * len(header) + "|")
     for shape in args.shapes:
         for lengths in args.lengths:
             prompt, answer = (int(x) for x in lengths.split(":"))
-            t = time_steps(shape, prompt, answer, args.batch, args.repeats)
-            row = (
-                f"| {shape} | {lengths} | {t['hf_peft_lora']:.3f} | {t['lora']:.3f} | {t['bitune']:.3f} "
-                f"| {t['bitune'] / t['hf_peft_lora']:.3f} | {t['lora'] / t['hf_peft_lora']:.3f} "
-                f"| {t['bitune'] / t['lora']:.3f} |"
-            )
-            if args.no_memory:
-                print(row + " - | - | - |", flush=True)
-                continue
-            m = measure_memory(shape, prompt, answer, args.batch)
-            peak = " / ".join(f"{m[x]['peak_mb']:.0f}" for x in METHODS)
-            training = " / ".join(f"{m[x]['training_mb']:.0f}" for x in METHODS)
-            ratio = m["bitune"]["peak_mb"] / m["hf_peft_lora"]["peak_mb"]
-            print(f"{row} {peak} | {ratio:.3f} | {training} |", flush=True)
+            t = time_steps(shape, prompt, answer, args.batch, args.repeats, methods)
+            cells = [shape, lengths, *(f"{t[m]:.3f}" for m in methods)]
+            cells += [f"{t[m] / t['hf_peft_lora']:.3f}" for m in others]
+            if not args.no_memory:
+                mem = measure_memory(shape, prompt, answer, args.batch, methods)
+                cells += [f"{mem[m]['peak_mb']:.0f}" for m in methods]
+                cells += [f"{mem[m]['peak_mb'] / mem['hf_peft_lora']['peak_mb']:.3f}" for m in others]
+                cells += [f"{mem[m]['training_mb']:.0f}" for m in methods]
+            print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
