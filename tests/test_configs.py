@@ -64,7 +64,8 @@ def test_replication_configs_validate_and_say_how_to_run(path):
     config = load_compare_config(path)
     assert path.read_text().startswith(f"# bitune compare configs/replication/{path.name} ")
     assert config.tasks and config.seeds and config.report_dir.startswith("results/replication/")
-    assert len(config.seeds) == 3  # the paper's seeds, for every comparison
+    if path.name != "untrained.yaml":  # there the seed cannot change the (untrained) model
+        assert len(config.seeds) == 3  # the paper's seeds, for every comparison
 
 
 def test_quickstart_validates_and_says_how_to_run():
