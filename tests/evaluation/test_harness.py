@@ -134,4 +134,22 @@ def test_lm_eval_cli_and_bitune_eval_end_to_end(run, tmp_path):
     )
     scores = json.loads((report / "results.json").read_text())["scores"]
     assert scores["siqa"]["n"] == 3 and set(scores) == {"siqa", "gsm8k"}
-    assert scores["gsm8k"]["metric"] == "exact_match (strict-match)"  # generative: decoded through bitune
+    assert scores["gsm8k"]["metric"] == "exact_match (answer)"  # generative: decoded through bitune
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("She pays 3 * 4 = 12 dollars.\n#### 12", "12"),
+        ("#### $1,000.\nQuestion: next", "1000"),  # first "####" wins, units and separators dropped
+        ("2 + 3 = 5, so 5 - 7 = -2 apples.", "-2"),  # no "####": the last number
+        ("It costs 2.50 and then 7.", "7"),
+        ("Half of it is 0.5", "0.5"),
+        ("no number here", ""),
+    ],
+)
+def test_gsm8k_answer_takes_the_marked_number_else_the_last_number(text, answer):
+    from bitune.evaluation.lm_eval_tasks.utils import gsm8k_answer, gsm8k_answers
+
+    assert gsm8k_answer(text) == answer
+    assert gsm8k_answers([[text, "1"]], [{}]) == [[answer, "1"]]

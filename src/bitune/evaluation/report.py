@@ -24,11 +24,11 @@ def lm_eval_task(task: str, source: str = "packaged") -> str:
 
 
 def summarize(results: dict, tasks: list[str], source: str = "packaged") -> dict[str, dict]:
-    """Per bitune task: the headline score (``acc``; GSM8K: strict exact match), its stderr and ``n``."""
+    """Per bitune task: the headline score (``acc``; GSM8K: exact match of the number after "####", else the last number), its stderr and ``n``."""
     summary = {}
     for task in tasks:
         scores = results["results"][lm_eval_task(task, source)]
-        metric = "exact_match,strict-match" if TASKS[task].template is None else "acc,none"
+        metric = "exact_match,answer" if TASKS[task].template is None else "acc,none"
         summary[task] = {
             "acc": scores[metric],
             "acc_stderr": scores.get(metric.replace(",", "_stderr,", 1)),

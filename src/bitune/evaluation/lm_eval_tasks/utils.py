@@ -4,6 +4,8 @@ training write questions the same way (paper appendix 6.5)."""
 
 from __future__ import annotations
 
+import re
+
 import datasets
 
 from bitune.data import TASKS, MultipleChoice, instruction_prompt, load_task
@@ -52,3 +54,24 @@ def choice_texts(doc: dict) -> list[str]:
 
 def gsm8k_prompt(doc: dict) -> str:
     return instruction_prompt(doc["question"])
+
+
+_MARKED = re.compile(r"####\s*(-?[$0-9][0-9.,]*)")
+_NUMBER = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?")
+
+
+def gsm8k_answer(text: str) -> str:
+    """The final answer of a GSM8K solution: the number after the first "####", else the last number in
+    the text, else "" (no answer). Commas, "$" and a trailing period are dropped: "#### $1,000." -> "1000"."""
+    marked = _MARKED.search(text)
+    if marked:
+        answer = marked.group(1)
+    else:
+        numbers = _NUMBER.findall(text)
+        answer = numbers[-1] if numbers else ""
+    return answer.replace(",", "").replace("$", "").rstrip(".")
+
+
+def gsm8k_answers(resps, docs):
+    """lm-eval ``custom`` filter: every response of every doc reduced to its `gsm8k_answer`."""
+    return [[gsm8k_answer(r) for r in doc_resps] for doc_resps in resps]
