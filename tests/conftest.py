@@ -41,6 +41,7 @@ ARCHITECTURES = {
     ),
     "phi3": dict(num_key_value_heads=4),  # fused qkv_proj and gate_up_proj
     "gemma2": dict(head_dim=8, sliding_window=4),  # eager attention, logit soft-capping
+    "stablelm": {},  # drops is_causal=False: its bidirectional passes get explicit 4D masks
     "gpt2": dict(  # Conv1D layers, learned absolute positions
         n_embd=32, n_layer=3, n_head=4, n_positions=128, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0
     ),
@@ -50,7 +51,7 @@ ARCH_NAMES = list(ARCHITECTURES)
 
 def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A seeded 3-layer random model of family ``arch`` in eval mode, fp32, on CPU."""
-    config = AutoConfig.for_model(arch, **{**_COMMON, **ARCHITECTURES[arch], **overrides})
+    config = AutoConfig.for_model(arch, **{**_COMMON, **ARCHITECTURES.get(arch, {}), **overrides})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 

@@ -340,3 +340,45 @@ def test_adapters_without_per_row_routing_run_passes_one_after_the_other():
     model.stack_prompt_passes = True
     out = model(**model_inputs(make_batch(LENGTHS, PROMPTS)))
     assert torch.isfinite(out.loss)
+
+
+# Families that cannot run a pass are refused up front, not run silently wrong -----------------------------
+def test_a_model_that_ignores_every_non_causal_mask_is_refused_for_non_causal_variants():
+    from conftest import tiny_model
+
+    for variant, mask in [("bitune", "bidirectional"), ("naive_bidir", "anti_causal")]:
+        with pytest.raises(ValueError, match=f"BloomForCausalLM cannot run the {mask} prompt pass"):
+            get_bitune_model(
+                tiny_model("bloom", n_embed=32), BituneConfig(variant=variant, second_pass_mask=mask)
+            )
+    lora = get_bitune_model(tiny_model("bloom", n_embed=32), BituneConfig(variant="lora"))
+    assert torch.isfinite(lora(**model_inputs(make_batch(LENGTHS, PROMPTS))).loss)
+
+
+def test_a_model_without_attention_caches_is_refused():
+    from conftest import tiny_model
+
+    with pytest.raises(ValueError, match="Bitune mixes per-layer attention K/V caches"):
+        get_bitune_model(tiny_model("mamba"), BituneConfig())
+
+
+def test_stacking_falls_back_to_sequential_passes_where_explicit_masks_fail():
+    from conftest import tiny_model
+
+    model = get_bitune_model(
+        tiny_model("opt", ffn_dim=48, word_embed_proj_dim=32), BituneConfig(variant="shared_weights")
+    )
+    assert model.stacking_mask_problem and not model.explicit_masks_for  # is_causal works, 4D masks do not
+    batch = model_inputs(make_batch(LENGTHS, PROMPTS))
+    auto = model(**batch)  # "auto" would stack the two shared-adapter passes; here it must not
+    model.stack_prompt_passes = False
+    torch.testing.assert_close(auto.loss, model(**batch).loss)
+    model.stack_prompt_passes = True
+    with pytest.raises(ValueError, match="stack_prompt_passes=True needs an explicit per-row 4D mask"):
+        model(**batch)
+
+
+def test_stablelm_gets_explicit_masks_for_its_bidirectional_passes():
+    model, _ = bitune_pair("stablelm")
+    assert model.explicit_masks_for == {"bidirectional"}
+    assert bitune_pair("llama")[0].explicit_masks_for == set()

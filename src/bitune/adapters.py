@@ -25,6 +25,8 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+
 
 def modules_without_kv_influence(model: PreTrainedModel) -> tuple[list[str], int]:
     """Names of the parameterised leaf modules whose output cannot change any layer's cached K/V.
@@ -52,15 +54,29 @@ def modules_without_kv_influence(model: PreTrainedModel) -> tuple[list[str], int
 
         return hook
 
+    layer_types = set(getattr(model.config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES
+    if layer_types:
+        raise ValueError(
+            f"{type(model).__name__} has {sorted(layer_types)} layers, whose cached state is not attention keys "
+            "and values (state-space, linear-attention or convolution layers); Bitune mixes per-layer "
+            "attention K/V caches and supports decoders whose every layer is attention"
+        )
     handles = [module.register_forward_hook(probe(name)) for name, module in leaves]
     device = next(model.parameters()).device
     try:
         with torch.enable_grad():
             ids = torch.zeros((1, 2), dtype=torch.long, device=device)
-            cache = model(input_ids=ids, use_cache=True).past_key_values
-            if cache is None or not len(cache.layers):
+            cache = getattr(model(input_ids=ids, use_cache=True), "past_key_values", None)
+            if cache is None or not len(getattr(cache, "layers", ())):
                 raise ValueError(
                     f"{type(model).__name__} returned no KV cache; Bitune needs a decoder with one"
+                )
+            other = {type(layer).__name__ for layer in cache.layers if not _holds_kv(layer)}
+            if other:
+                raise ValueError(
+                    f"{type(model).__name__} caches state that is not attention keys and values ({sorted(other)}: "
+                    "state-space, linear-attention or convolution layers); Bitune mixes per-layer attention "
+                    "K/V caches and supports decoders whose every layer is attention"
                 )
             total = sum(layer.keys.float().sum() + layer.values.float().sum() for layer in cache.layers)
             names = list(probes)
@@ -76,6 +92,11 @@ def modules_without_kv_influence(model: PreTrainedModel) -> tuple[list[str], int
             reached.add(name)
         i += count
     return sorted(set(names) - reached), len(cache.layers)
+
+
+def _holds_kv(layer) -> bool:
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    return isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor) and keys.numel() > 0
 
 
 def with_excluded_modules(config: PeftConfig, names: list[str]) -> PeftConfig:

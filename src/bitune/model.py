@@ -41,6 +41,7 @@ from .batching import (
 from .config import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig
 from .generation import generate_from_prompts
 from .loss import answer_loss, linear_cross_entropy, plain_lm_head
+from .masks import STACKED, prompt_mask_problems
 from .mixing import KVMixing
 from .prompt_passes import prompt_cache
 
@@ -93,6 +94,10 @@ class BituneModel(nn.Module):
         # less memory (the prompt passes' activations are most of Bitune's extra) for one more forward of
         # the prompt passes. Same loss and gradients.
         self.checkpoint_prompt_passes: bool = False
+        # Why this base model cannot take the explicit per-row mask of stacked passes (None: it can).
+        self.stacking_mask_problem: str | None = None
+        # Masks this base model drops as keyword arguments and gets as explicit 4D masks instead.
+        self.explicit_masks_for: set[str] = set()
 
     # ----------------------------------------------------------------------------------------- access
     @property
@@ -351,6 +356,17 @@ def build_bitune_model(
     if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         raise ValueError(_NO_CHECKPOINTING)
     unreachable, num_cache_layers = modules_without_kv_influence(model)
+    mask_problems = prompt_mask_problems(model, [p.mask for p in config.prompt_passes])
+    explicit_masks_for = set()
+    for kind, problem in mask_problems.items():
+        if kind == "bidirectional" and STACKED not in mask_problems:
+            explicit_masks_for.add(kind)  # is_causal=False is dropped, but an explicit 4D mask works
+        elif kind != STACKED:
+            raise ValueError(
+                f"{type(model).__name__} cannot run the {kind} prompt pass of variant {config.variant!r}: "
+                f"{problem}. Its attention does not take transformers' is_causal=False / 4D masks; "
+                "only a causal variant ('lora', 'only_causal') can run on it"
+            )
     head_is_plain = plain_lm_head(model)
     if adapter_configs is None:
         adapter_configs = {CAUSAL_ADAPTER: config.peft_config}
@@ -360,4 +376,7 @@ def build_bitune_model(
     mixing = None
     if config.uses_mixing:
         mixing = KVMixing(num_cache_layers, config.theta_init, device=model.device)
-    return BituneModel(peft_model, config, mixing, num_cache_layers, head_is_plain)
+    bitune_model = BituneModel(peft_model, config, mixing, num_cache_layers, head_is_plain)
+    bitune_model.stacking_mask_problem = mask_problems.get(STACKED)
+    bitune_model.explicit_masks_for = explicit_masks_for
+    return bitune_model

@@ -43,6 +43,14 @@ def prompt_cache(
         return run_prompt_pass(model, prompt_ids, prompt_mask, positions, [passes[0]])
     shared = passes[0].adapter == passes[1].adapter
     stack = model.stack_prompt_passes
+    mixed_masks = passes[0].mask != passes[1].mask
+    if stack is True and mixed_masks and model.stacking_mask_problem:
+        raise ValueError(
+            "stack_prompt_passes=True needs an explicit per-row 4D mask, which this model cannot take "
+            f"({model.stacking_mask_problem}); set model.stack_prompt_passes = False"
+        )
+    if stack == "auto" and mixed_masks and model.stacking_mask_problem:
+        stack = False
     if (stack == "auto" and shared) or (stack is True and (shared or model.adapters.can_route_rows)):
         stacked = run_prompt_pass(
             model,
@@ -76,7 +84,7 @@ def _prompt_pass(
     base = model.base_model
     decoder = base.get_decoder()
     cache = DynamicCache(config=decoder.config)
-    if len({p.mask for p in rows}) == 1:
+    if len({p.mask for p in rows}) == 1 and rows[0].mask not in model.explicit_masks_for:
         kwargs = prompt_pass_kwargs(rows[0].mask, mask, decoder.config, base.dtype)
     else:
         kwargs = {"attention_mask": explicit_mask([p.mask for p in rows], mask, decoder.config, base.dtype)}
