@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -118,7 +118,7 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 STACKED = "stacked"  # the explicit 4D mask that gives each row of a stacked forward its own mask
 
 
-def prompt_mask_problems(model: torch.nn.Module, kinds: list[str]) -> dict[str, str]:
+def prompt_mask_problems(model: PreTrainedModel, kinds: list[str]) -> dict[str, str]:
     """Which non-causal prompt masks among ``kinds`` the model cannot honour, and why.
 
     Reads three tokens twice, changing only the last, under each mask: unless the first token's keys in
@@ -134,15 +134,14 @@ def prompt_mask_problems(model: torch.nn.Module, kinds: list[str]) -> dict[str, 
     config = model.config
     if not kinds or len(layer_attention_types(config)) < 2:
         return {}
-    parameter = next(model.parameters())
-    first = torch.tensor([[1, 2, 3]], device=parameter.device) % config.vocab_size
+    device = next(model.parameters()).device
+    dtype = model.dtype  # the float dtype of the attention scores (first parameters may be quantised)
+    first = torch.tensor([[1, 2, 3]], device=device) % config.vocab_size
     second = first.clone()
     second[0, -1] = (first[0, -1] + 1) % config.vocab_size
     padding = torch.ones_like(first)
-    routes = {
-        kind: lambda kind=kind: prompt_pass_kwargs(kind, padding, config, parameter.dtype) for kind in kinds
-    }
-    routes[STACKED] = lambda: {"attention_mask": explicit_mask(kinds[:1], padding, config, parameter.dtype)}
+    routes = {kind: lambda kind=kind: prompt_pass_kwargs(kind, padding, config, dtype) for kind in kinds}
+    routes[STACKED] = lambda: {"attention_mask": explicit_mask(kinds[:1], padding, config, dtype)}
     problems = {}
     was_training = model.training
     model.eval()
