@@ -25,7 +25,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
-ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+from .masks import ATTENTION_LAYER_TYPES
 
 
 def modules_without_kv_influence(model: PreTrainedModel) -> tuple[list[str], int]:
@@ -55,12 +55,8 @@ def modules_without_kv_influence(model: PreTrainedModel) -> tuple[list[str], int
         return hook
 
     layer_types = set(getattr(model.config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES
-    if layer_types:
-        raise ValueError(
-            f"{type(model).__name__} has {sorted(layer_types)} layers, whose cached state is not attention keys "
-            "and values (state-space, linear-attention or convolution layers); Bitune mixes per-layer "
-            "attention K/V caches and supports decoders whose every layer is attention"
-        )
+    if layer_types:  # checked before the forward, which some of these models fail with a cache we do not pass
+        raise _not_attention(model, f"{sorted(layer_types)} layers")
     handles = [module.register_forward_hook(probe(name)) for name, module in leaves]
     device = next(model.parameters()).device
     try:
@@ -73,11 +69,7 @@ def modules_without_kv_influence(model: PreTrainedModel) -> tuple[list[str], int
                 )
             other = {type(layer).__name__ for layer in cache.layers if not _holds_kv(layer)}
             if other:
-                raise ValueError(
-                    f"{type(model).__name__} caches state that is not attention keys and values ({sorted(other)}: "
-                    "state-space, linear-attention or convolution layers); Bitune mixes per-layer attention "
-                    "K/V caches and supports decoders whose every layer is attention"
-                )
+                raise _not_attention(model, f"cache layers {sorted(other)}")
             total = sum(layer.keys.float().sum() + layer.values.float().sum() for layer in cache.layers)
             names = list(probes)
             flat = [z for n in names for z in probes[n]]
@@ -92,6 +84,14 @@ def modules_without_kv_influence(model: PreTrainedModel) -> tuple[list[str], int
             reached.add(name)
         i += count
     return sorted(set(names) - reached), len(cache.layers)
+
+
+def _not_attention(model: PreTrainedModel, what: str) -> ValueError:
+    return ValueError(
+        f"{type(model).__name__} has {what} whose cached state is not attention keys and values (state-space, "
+        "linear-attention or convolution layers); Bitune mixes per-layer attention K/V caches and supports "
+        "decoders whose every layer is attention"
+    )
 
 
 def _holds_kv(layer) -> bool:

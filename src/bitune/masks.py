@@ -21,6 +21,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 FULL, SLIDING = "full_attention", "sliding_attention"
+ATTENTION_LAYER_TYPES = {FULL, SLIDING, "chunked_attention"}  # layer types that cache keys and values
 
 
 def prompt_pass_kwargs(

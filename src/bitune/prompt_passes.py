@@ -43,13 +43,12 @@ def prompt_cache(
         return run_prompt_pass(model, prompt_ids, prompt_mask, positions, [passes[0]])
     shared = passes[0].adapter == passes[1].adapter
     stack = model.stack_prompt_passes
-    mixed_masks = passes[0].mask != passes[1].mask
-    if stack is True and mixed_masks and model.stacking_mask_problem:
-        raise ValueError(
-            "stack_prompt_passes=True needs an explicit per-row 4D mask, which this model cannot take "
-            f"({model.stacking_mask_problem}); set model.stack_prompt_passes = False"
-        )
-    if stack == "auto" and mixed_masks and model.stacking_mask_problem:
+    if passes[0].mask != passes[1].mask and model.stacking_mask_problem:
+        if stack is True:
+            raise ValueError(
+                "stack_prompt_passes=True needs an explicit per-row 4D mask, which this model cannot take "
+                f"({model.stacking_mask_problem}); set model.stack_prompt_passes = False"
+            )
         stack = False
     if (stack == "auto" and shared) or (stack is True and (shared or model.adapters.can_route_rows)):
         stacked = run_prompt_pass(

@@ -24,7 +24,8 @@ def lm_eval_task(task: str, source: str = "packaged") -> str:
 
 
 def summarize(results: dict, tasks: list[str], source: str = "packaged") -> dict[str, dict]:
-    """Per bitune task: the headline score (``acc``; GSM8K: exact match of the number after "####", else the last number), its stderr and ``n``."""
+    """Per bitune task: the headline score, its stderr and ``n``. The score is ``acc``; for GSM8K, the exact
+    match of the number after "####", else of the last number."""
     summary = {}
     for task in tasks:
         scores = results["results"][lm_eval_task(task, source)]
