@@ -13,6 +13,7 @@ from bitune import VARIANTS, BituneConfig
 def test_defaults_are_the_papers():
     config = BituneConfig()
     assert (config.variant, config.second_pass_mask, config.theta_init) == ("bitune", "bidirectional", 0.01)
+    assert config.alpha_init == 0.5
     peft = config.peft_config
     assert isinstance(peft, LoraConfig)
     assert (peft.r, peft.lora_alpha, peft.lora_dropout, peft.target_modules) == (8, 1, 0.0, "all-linear")
@@ -52,6 +53,12 @@ def test_second_pass_mask_applies_to_the_second_pass():
         ({"theta_init": float("nan")}, "theta_init"),
         ({"theta_init": "0.01"}, "theta_init"),
         ({"theta_init": True}, "theta_init"),
+        ({"alpha_init": 0}, "alpha_init"),
+        ({"alpha_init": 1}, "alpha_init"),
+        ({"alpha_init": -0.1}, "alpha_init"),
+        ({"alpha_init": float("nan")}, "alpha_init"),
+        ({"alpha_init": "0.1"}, "alpha_init"),
+        ({"alpha_init": True}, "alpha_init"),
         ({"peft_config": PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")}, "peft_config"),
         ({"peft_config": LoraConfig(modules_to_save=["lm_head"])}, "peft_config.modules_to_save"),
         ({"peft_config": {"r": 8}}, "peft_config"),
@@ -66,7 +73,7 @@ def test_bad_values_name_the_field(kwargs, field):
 
 def test_dict_round_trip_through_json():
     for peft in (None, IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])):
-        config = BituneConfig(variant="shared_weights", theta_init=0.1, peft_config=peft)
+        config = BituneConfig(variant="shared_weights", theta_init=0.1, alpha_init=0.1, peft_config=peft)
         again = BituneConfig.from_dict(json.loads(json.dumps(config.to_dict())))
         assert again == config
     with pytest.raises(ValueError, match="unknown fields"):

@@ -68,6 +68,21 @@ def test_replication_configs_validate_and_say_how_to_run(path):
         assert len(config.seeds) == 3  # the paper's seeds, for every comparison
 
 
+@pytest.mark.parametrize("path", sorted((CONFIGS / "evidence").glob("*.yaml")), ids=lambda p: p.name)
+def test_evidence_configs_follow_the_papers_recipe_and_say_how_to_run(path):
+    config = load_compare_config(path)
+    assert path.read_text().startswith(f"# bitune compare configs/evidence/{path.name} ")
+    assert config.seeds == [42, 43, 44] and config.report_dir == f"results/evidence/{path.stem}"
+    assert config.evaluation.limit is None or config.evaluation.limit >= 500
+    for task in config.tasks:
+        for method in config.methods:
+            if config.is_trained(method):
+                training = config.run_config(method, 42, task).training
+                assert training.batch_size * training.gradient_accumulation_steps == 10
+                assert training.learning_rate == 1e-3 and training.max_steps == -1
+                assert training.num_epochs == (5 if task == "arc_challenge" else 1)  # paper Table 8
+
+
 def test_quickstart_validates_and_says_how_to_run():
     config = load_compare_config(CONFIGS / "quickstart.yaml")
     assert set(config.methods) == {"pretrained", "lora", "bitune"}

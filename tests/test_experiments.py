@@ -56,12 +56,21 @@ def test_grid_trains_evaluates_and_tabulates(tmp_path):
     assert saved["results"]["lora"]["1"]["arc_easy"] == results["lora"][1]["arc_easy"]
 
 
+def forget(config, method: str, seed: int) -> None:
+    """Drop one run's scores from its run directory and the report, so that it must be scored again."""
+    (config.run_dir(method, seed) / "record.json").unlink()
+    path = config.report_path / "results.json"
+    report = json.loads(path.read_text())
+    del report["runs"][f"{method}/seed{seed}"]
+    path.write_text(json.dumps(report))
+
+
 def test_grid_resumes_and_isolates_failures(tmp_path, monkeypatch):
     config = grid_config(tmp_path, methods={"lora": {"bitune.variant": "lora"}, "bitune": {}})
     run_grid(config)
     trained = tmp_path / "grid" / "lora" / "seed1" / "bitune_config.json"
     stamp = trained.stat().st_mtime_ns
-    (tmp_path / "grid" / "bitune" / "seed1" / "eval.json").unlink()  # this one must be evaluated again
+    forget(config, "bitune", 1)  # this one must be evaluated again
 
     import bitune.evaluation.report
 
@@ -81,6 +90,42 @@ def test_grid_resumes_and_isolates_failures(tmp_path, monkeypatch):
     assert set(summary["results"]["lora"]) == {1, 2} and set(summary["results"]["bitune"]) == {2}
     monkeypatch.setattr(bitune.evaluation.report, "evaluate_target", real)
     assert not run_grid(config)["failures"]
+
+
+def test_a_grid_continues_from_its_committed_report_on_a_fresh_machine(tmp_path, monkeypatch):
+    config = grid_config(tmp_path, methods={"pretrained": None, "bitune": {}})
+    config.report_dir = str(tmp_path / "report")
+    config.evaluation.curve_steps = [0, 2, 4]
+    first = run_grid(config)
+    assert not first["failures"]
+    report = json.loads((tmp_path / "report" / "results.json").read_text())
+    run = report["runs"]["bitune/seed2"]
+    assert run["steps"] == 4 and set(run["curve"]) == {"0", "2", "4"}
+    assert run["curve"]["4"] == run["scores"]  # the final model is the last curve point
+    assert run["commands"] and run["commits"] and run["seconds"]["train"] > 0 and run["seconds"]["eval"] > 0
+    assert (tmp_path / "report" / "logs" / "bitune" / "seed2.jsonl").is_file()
+    assert (tmp_path / "report" / "plots" / "curve.png").is_file()
+    curve = (tmp_path / "report" / "results.md").read_text()
+    assert "| method | 0 | 2 | 4 |" in curve and "| pretrained | " in curve
+
+    import shutil
+
+    import bitune.evaluation.report
+    import bitune.experiments.runner
+
+    shutil.rmtree(tmp_path / "grid")  # a fresh machine: only the committed report folder is left
+    calls = []
+    monkeypatch.setattr(bitune.experiments.runner, "train", lambda *a, **k: calls.append("train"))
+    monkeypatch.setattr(bitune.evaluation.report, "evaluate_target", lambda *a, **k: calls.append("eval"))
+    again = run_grid(config)
+    assert calls == [] and not again["failures"]
+    assert again["results"] == {m: {int(k): v for k, v in s.items()} for m, s in first["results"].items()}
+    assert (tmp_path / "report" / "results.md").read_text() == curve
+
+    config.run["training"]["learning_rate"] = 0.02  # another recipe: nothing recorded fits it
+    calls.clear()
+    run_grid(config)  # (the stub trains nothing, so those runs then fail to score)
+    assert calls == ["train", "train"]  # both seeds of bitune train again; the pretrained score still fits
 
 
 def test_results_table_means_and_stds():

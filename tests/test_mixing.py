@@ -27,6 +27,21 @@ def test_initial_ratio_is_one_half_and_formula_is_eq6():
     torch.testing.assert_close(mixing.ratios()[0], expected)
 
 
+@pytest.mark.parametrize("alpha_init", [0.5, 0.1, 0.02, 0.9])
+def test_alpha_init_sets_the_initial_ratios_and_keeps_theta_init_as_scale(alpha_init):
+    mixing = KVMixing(4, theta_init=0.01, alpha_init=alpha_init)
+    for alpha in mixing.ratios():
+        torch.testing.assert_close(alpha, torch.full((4,), alpha_init))
+    torch.testing.assert_close(mixing.theta_k, torch.full((4,), 0.01 * alpha_init / (1 - alpha_init)))
+    with torch.no_grad():  # eq. 6 still divides by theta_init, whatever the start
+        mixing.theta_v.fill_(0.01)
+    torch.testing.assert_close(mixing.ratios()[1], torch.full((4,), 0.5))
+
+
+def test_paper_start_is_theta_init_exactly():
+    assert torch.equal(KVMixing(2, theta_init=0.01).theta_k, torch.full((2,), 0.01))
+
+
 def test_mix_is_eq5_per_layer():
     torch.manual_seed(0)
     causal = [torch.randn(2, 2, 5, 4) for _ in range(2)]

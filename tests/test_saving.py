@@ -32,6 +32,7 @@ def logits(model, batch):
     ("arch", "variant", "kwargs"),
     [
         ("llama", "bitune", {}),
+        ("llama", "bitune", {"alpha_init": 0.1, "theta_init": 0.1}),
         ("gemma3_text", "bitune", {}),
         ("phi3", "no_mixing", {"second_pass_mask": "anti_causal"}),
         ("qwen2", "lora", {}),
@@ -64,6 +65,14 @@ def test_round_trip_reproduces_logits_and_ratios(tmp_path, arch, variant, kwargs
     assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
     trainable = BituneModel.from_pretrained(tiny_model(arch), tmp_path / "run", is_trainable=True)
     assert trainable.trainable_parameter_counts() == model.trainable_parameter_counts()
+
+
+def test_an_untrained_model_keeps_its_alpha_init_through_saving(tmp_path):
+    model = get_bitune_model(tiny_model("llama"), BituneConfig(alpha_init=0.1))
+    model.save_pretrained(tmp_path / "run")
+    loaded = BituneModel.from_pretrained(tiny_model("llama"), tmp_path / "run")
+    assert loaded.bitune_config.alpha_init == 0.1
+    assert loaded.mixing_ratios()["k"] == pytest.approx([0.1] * 3)
 
 
 def test_saved_files_are_open_formats_and_each_adapter_is_plain_peft(tmp_path):

@@ -17,7 +17,13 @@ import torch
 from safetensors.torch import load_file
 
 from bitune.run_config import load_run_config
-from bitune.training import checkpoints, is_complete_checkpoint, latest_complete_checkpoint, train
+from bitune.training import (
+    checkpoints,
+    is_complete_checkpoint,
+    latest_complete_checkpoint,
+    snapshot_dir,
+    train,
+)
 
 from conftest import tiny_run_files
 
@@ -119,6 +125,40 @@ def test_checkpointed_prompt_passes_train_to_the_same_weights(tmp_path):
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
     assert load_run_config(recomputed / "run_config.yaml").training.checkpoint_prompt_passes
+
+
+def test_snapshots_keep_the_weights_after_the_chosen_updates(tmp_path):
+    config = load_run_config(write_config(tmp_path, "run", snapshot_steps=[0, 3, 4], save_total_limit=1))
+    run_dir = train(config)
+    assert sorted(p.name for p in (run_dir / "snapshots").iterdir()) == ["step-0", "step-3", "step-4"]
+    assert [p.name for p in checkpoints(run_dir)] == ["checkpoint-8"]  # rotation leaves snapshots alone
+    initial = trained_weights(snapshot_dir(run_dir, 0))
+    assert all(not v.any() for k, v in initial.items() if "lora_B" in k)
+    assert all(torch.allclose(v, torch.tensor(0.01)) for k, v in initial.items() if k.startswith("mixing/"))
+    # step 4 is the checkpoint the Trainer wrote at step 4 (the run saves every 4 updates)
+    reference = train(load_run_config(write_config(tmp_path, "reference", max_steps=8)))
+    ours, theirs = trained_weights(snapshot_dir(run_dir, 4)), trained_weights(reference / "checkpoint-4")
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=0, rtol=0, msg=name)
+    assert any(not torch.equal(trained_weights(snapshot_dir(run_dir, 3))[n], ours[n]) for n in ours)
+    with pytest.raises(ValueError, match=r"training\.snapshot_steps lists steps after max_steps=8"):
+        load_run_config(write_config(tmp_path, "bad", snapshot_steps=[9]))
+
+
+def test_legacy_optimizer_trains_with_its_own_update(tmp_path):
+    runs = {
+        name: train(load_run_config(write_config(tmp_path, name, max_steps=4, optimizer=name)))
+        for name in ("adamw_torch", "adamw_legacy")
+    }
+    state = torch.load(runs["adamw_legacy"] / "checkpoint-4" / "optimizer.pt", weights_only=False)
+    assert {type(s["step"]) for s in state["state"].values()} == {int}  # LegacyAdamW's state, not torch's
+    torch_state = torch.load(runs["adamw_torch"] / "checkpoint-4" / "optimizer.pt", weights_only=False)
+    assert {type(s["step"]) for s in torch_state["state"].values()} == {torch.Tensor}
+    a, b = trained_weights(runs["adamw_torch"]), trained_weights(runs["adamw_legacy"])
+    assert any(not torch.allclose(a[n], b[n]) for n in a)
+    assert load_run_config(runs["adamw_legacy"] / "run_config.yaml").training.optimizer == "adamw_legacy"
+    with pytest.raises(ValueError, match=r"training\.optimizer must be one of"):
+        load_run_config(write_config(tmp_path, "bad", optimizer="sgd"))
 
 
 def test_bad_config_fails_before_any_model_loads(tmp_path):

@@ -81,6 +81,15 @@ class BituneConfig:
             "starts at 0.5. Paper Table 5a compares 0.1, 0.01 (best) and 0.001."
         },
     )
+    alpha_init: float = field(
+        default=0.5,
+        metadata={
+            "help": "Initial bidirectional-to-causal ratio of every layer, in (0, 1). The paper starts at 0.5 "
+            "(theta = theta_init); other values start theta at theta_init * alpha_init / (1 - alpha_init), so "
+            "theta_init keeps its role as the scale of the ratio. A small value (e.g. 0.1) starts close to "
+            "the pretrained causal model."
+        },
+    )
     peft_config: PeftConfig | dict[str, Any] | None = field(
         default=None,
         metadata={
@@ -111,6 +120,16 @@ class BituneConfig:
         ):
             raise ValueError(f"BituneConfig.theta_init must be a finite number > 0, got {self.theta_init!r}")
         self.theta_init = float(self.theta_init)
+        if (
+            isinstance(self.alpha_init, bool)
+            or not isinstance(self.alpha_init, (int, float))
+            or not 0 < self.alpha_init < 1
+        ):
+            raise ValueError(
+                f"BituneConfig.alpha_init must be a number in (0, 1) (0 would freeze the mixing: the gradient "
+                f"of |theta| at 0 is 0), got {self.alpha_init!r}"
+            )
+        self.alpha_init = float(self.alpha_init)
         self.peft_config = _validated_peft_config(self.peft_config)
 
     @property
@@ -136,6 +155,7 @@ class BituneConfig:
             "variant": self.variant,
             "second_pass_mask": self.second_pass_mask,
             "theta_init": self.theta_init,
+            "alpha_init": self.alpha_init,
             "peft_config": peft_config_to_dict(self.peft_config),
         }
 

@@ -171,7 +171,7 @@ def load_model(
     if reference in PACKAGED_MODELS:
         path = str(packaged_model_path(reference))
     elif Path(reference).expanduser().is_dir():
-        path = str(Path(reference).expanduser())
+        path = str(Path(reference).expanduser().resolve())
     elif "/" in reference:
         path = reference
     else:
@@ -194,6 +194,9 @@ def load_model(
         ) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # What a saved fine-tune records as its base (PEFT's `base_model_name_or_path`): the reference that
+    # loads this model anywhere, i.e. the alias rather than this machine's cache path.
+    model.config.name_or_path = reference if not Path(reference).expanduser().is_dir() else path
     if device is not None:
         model.to(device)
     return model, tokenizer

@@ -5,9 +5,11 @@ For every layer l the mixed cache is
     K = K_c * (1 - a_k[l]) + K_b * a_k[l],      V = V_c * (1 - a_v[l]) + V_b * a_v[l],
     a_j[l] = |theta_j[l]| / (theta_init + |theta_j[l]|),
 
-with one scalar theta per layer for keys and one for values, initialised to ``theta_init`` (so every
-ratio starts at 0.5). The paper stresses that the mixing must run in full precision: thetas are kept in
-fp32 whatever dtype the model is moved to, the mix is computed in fp32 and cast back to the cache dtype.
+with one scalar theta per layer for keys and one for values. The paper initialises theta to ``theta_init``
+(every ratio starts at 0.5); ``alpha_init`` generalises that start: theta = theta_init * alpha_init /
+(1 - alpha_init) gives every ratio ``alpha_init`` while theta_init stays the scale of eq. 6.
+The paper stresses that the mixing must run in full precision: thetas are kept in fp32 whatever dtype the
+model is moved to, the mix is computed in fp32 and cast back to the cache dtype.
 Neutral values: theta = 0 gives a pure causal cache (a = 0); |theta| -> inf gives a pure bidirectional one.
 """
 
@@ -21,17 +23,23 @@ from transformers import Cache
 class KVMixing(nn.Module):
     """Per-layer mixing coefficients ``theta_k`` and ``theta_v`` (fp32) and the mix of two KV caches."""
 
-    def __init__(self, num_layers: int, theta_init: float, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        theta_init: float,
+        alpha_init: float = 0.5,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"KVMixing needs at least one layer, got num_layers={num_layers}")
+        if not 0 < alpha_init < 1:
+            raise ValueError(f"KVMixing needs 0 < alpha_init < 1, got {alpha_init}")
         self.theta_init = float(theta_init)
-        self.theta_k = nn.Parameter(
-            torch.full((num_layers,), self.theta_init, dtype=torch.float32, device=device)
-        )
-        self.theta_v = nn.Parameter(
-            torch.full((num_layers,), self.theta_init, dtype=torch.float32, device=device)
-        )
+        self.alpha_init = float(alpha_init)
+        start = self.theta_init * self.alpha_init / (1 - self.alpha_init)
+        self.theta_k = nn.Parameter(torch.full((num_layers,), start, dtype=torch.float32, device=device))
+        self.theta_v = nn.Parameter(torch.full((num_layers,), start, dtype=torch.float32, device=device))
 
     @property
     def num_layers(self) -> int:
@@ -85,7 +93,7 @@ class KVMixing(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"num_layers={self.num_layers}, theta_init={self.theta_init}"
+        return f"num_layers={self.num_layers}, theta_init={self.theta_init}, alpha_init={self.alpha_init}"
 
 
 def _ratio(theta: torch.Tensor, theta_init: float) -> torch.Tensor:

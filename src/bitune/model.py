@@ -375,7 +375,7 @@ def build_bitune_model(
     peft_model = create_peft_model(model, adapter_configs)
     mixing = None
     if config.uses_mixing:
-        mixing = KVMixing(num_cache_layers, config.theta_init, device=model.device)
+        mixing = KVMixing(num_cache_layers, config.theta_init, config.alpha_init, device=model.device)
     bitune_model = BituneModel(peft_model, config, mixing, num_cache_layers, head_is_plain)
     bitune_model.stacking_mask_problem = mask_problems.get(STACKED)
     bitune_model.explicit_masks_for = explicit_masks_for

@@ -57,3 +57,29 @@ def _save(plt, figure, path: str | Path) -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+Band = Sequence[tuple[float, float, float]]  # (step, mean, std)
+
+
+def plot_bands(panels: Sequence[tuple[str, str, dict[str, Band]]], path: str | Path, title: str) -> Path:
+    """Side-by-side panels, each ``(title, ylabel, {label: [(step, mean, std), ...]})``: a line per label
+    with a shaded mean ± std band; saves a PNG to ``path`` and returns it."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    axes = list(axes) if len(panels) > 1 else [axes]
+    for axis, (panel_title, ylabel, series) in zip(axes, panels, strict=True):
+        for label, points in series.items():
+            if not points:
+                continue
+            steps, means, stds = zip(*points, strict=True)
+            (line,) = axis.plot(steps, means, marker="o" if len(steps) < 12 else None, ms=3, label=label)
+            low = [m - s for m, s in zip(means, stds, strict=True)]
+            high = [m + s for m, s in zip(means, stds, strict=True)]
+            axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        axis.set(title=panel_title, xlabel="updates", ylabel=ylabel)
+        axis.grid(alpha=0.3)
+        if any(series.values()):
+            axis.legend(fontsize=8)
+    figure.suptitle(title)
+    return _save(plt, figure, path)

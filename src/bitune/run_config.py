@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config import BituneConfig
 from .data import FORMATS, TASKS
+from .optim import OPTIMIZERS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -58,6 +59,7 @@ class MethodSection:
     variant: str = field(default="bitune", metadata={"help": "BituneConfig.variant."})
     second_pass_mask: Optional[str] = field(default=None, metadata={"help": "BituneConfig.second_pass_mask."})
     theta_init: float = field(default=0.01, metadata={"help": "BituneConfig.theta_init."})
+    alpha_init: float = field(default=0.5, metadata={"help": "BituneConfig.alpha_init."})
     peft: Optional[Dict[str, Any]] = field(
         default=None,
         metadata={"help": "PEFT config as a dict with peft_type (default: paper LoRA r8, alpha 1)."},
@@ -71,6 +73,7 @@ class MethodSection:
             variant=self.variant,
             second_pass_mask=self.second_pass_mask,
             theta_init=self.theta_init,
+            alpha_init=self.alpha_init,
             peft_config=dict(self.peft) if self.peft is not None else None,
         )
 
@@ -116,6 +119,13 @@ class TrainingSection:
     )
     warmup_ratio: float = field(default=0.1, metadata={"help": "Linear warmup over this share of updates."})
     lr_scheduler: str = field(default="linear", metadata={"help": f"One of {SCHEDULERS}."})
+    optimizer: str = field(
+        default="adamw_torch",
+        metadata={
+            "help": f"One of {OPTIMIZERS}: torch's AdamW (eps 1e-8), or the legacy transformers AdamW the "
+            "authors trained with (eps 1e-6 on the uncorrected second moment; bitune.optim)."
+        },
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (paper: 0)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (transformers' default)."})
     seed: int = field(
@@ -123,6 +133,13 @@ class TrainingSection:
     )
     save_steps: int = field(default=100, metadata={"help": "Checkpoint every N updates."})
     save_total_limit: Optional[int] = field(default=2, metadata={"help": "Checkpoints kept (null: all)."})
+    snapshot_steps: List[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Updates after which the trained weights are kept in snapshots/step-N (0: before the "
+            "first update), never rotated away; e.g. to score a budget curve."
+        },
+    )
     logging_steps: int = field(
         default=10, metadata={"help": "Log loss, lr and mixing ratios every N updates."}
     )
@@ -156,6 +173,18 @@ class TrainingSection:
             _fail("training", "num_epochs", f"must be > 0 when max_steps is -1, got {self.num_epochs}")
         if not 0 <= self.warmup_ratio < 1:
             _fail("training", "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if self.optimizer not in OPTIMIZERS:
+            _fail("training", "optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if any(s < 0 for s in self.snapshot_steps) or len(set(self.snapshot_steps)) != len(
+            self.snapshot_steps
+        ):
+            _fail("training", "snapshot_steps", f"must be distinct steps >= 0, got {self.snapshot_steps}")
+        if self.max_steps > 0 and any(s > self.max_steps for s in self.snapshot_steps):
+            _fail(
+                "training",
+                "snapshot_steps",
+                f"lists steps after max_steps={self.max_steps}: {[s for s in self.snapshot_steps if s > self.max_steps]}",
+            )
         if self.lr_scheduler not in SCHEDULERS:
             _fail("training", "lr_scheduler", f"must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:

@@ -7,7 +7,9 @@ What the Trainer does not know about Bitune is added here and nothing else:
 - a checkpoint counts as complete only once the Trainer wrote its state last, so ``resume`` continues
   from the newest complete one and discards any a kill left half-written (`latest_complete_checkpoint`);
 - per-layer mixing ratios are logged with loss and learning rate to ``log.jsonl``/``log.csv`` in the run
-  directory and to TensorBoard (`MixingLogCallback`).
+  directory and to TensorBoard (`MixingLogCallback`);
+- ``training.snapshot_steps`` keeps the trained weights after chosen updates in ``snapshots/step-N``
+  (`SnapshotCallback`), e.g. to score a budget curve; ``training.optimizer`` picks the optimiser (optim.py).
 
 The run directory ends up holding the trained model (``bitune_config.json``, adapters, ``mixing.safetensors``),
 the tokenizer, the resolved ``run_config.yaml``, the logs and the checkpoints.
@@ -27,12 +29,19 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from .data import BituneCollator, load_rows
 from .hub import load_model
 from .model import BituneModel, get_bitune_model
+from .optim import optimizer_cls_and_kwargs
 from .run_config import RunConfig, save_run_config
 from .saving import CONFIG_NAME, load_weights_into
 
 RUN_CONFIG_NAME = "run_config.yaml"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
+SNAPSHOTS = "snapshots"
+
+
+def snapshot_dir(output_dir: str | Path, step: int) -> Path:
+    """Where the weights after ``step`` updates are kept (a loadable Bitune model directory)."""
+    return Path(output_dir) / SNAPSHOTS / f"step-{step}"
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -59,6 +68,16 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     """Checkpoint folders of a run, oldest first."""
     folders = [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()]
     return sorted(folders, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :] or -1))
+
+
+def trained_steps(output_dir: str | Path) -> int:
+    """Updates the model in a finished run directory was trained for."""
+    for folder in (Path(output_dir), *reversed(checkpoints(output_dir))):
+        try:
+            return int(json.loads((folder / TRAINER_STATE).read_text())["global_step"])
+        except (OSError, ValueError, KeyError):
+            continue
+    raise FileNotFoundError(f"{output_dir} has no {TRAINER_STATE}: it holds no finished training run")
 
 
 def latest_complete_checkpoint(output_dir: str | Path, discard_incomplete: bool = False) -> Path | None:
@@ -144,6 +163,29 @@ class MixingLogCallback(TrainerCallback):
             self.writer.close()
 
 
+class SnapshotCallback(TrainerCallback):
+    """Saves the model's trained weights after each of ``steps`` updates into `snapshot_dir` (0: before
+    the first update). A snapshot that exists is kept, so a resumed run does not rewrite it; at
+    ``on_train_begin`` the model holds its initial weights even when resuming (the Trainer loads a
+    checkpoint after that event)."""
+
+    def __init__(self, model: BituneModel, output_dir: str | Path, steps: list[int]) -> None:
+        self.model = model
+        self.output_dir = Path(output_dir)
+        self.steps = set(steps)
+
+    def _snapshot(self, state, step: int) -> None:
+        folder = snapshot_dir(self.output_dir, step)
+        if state.is_world_process_zero and step in self.steps and not (folder / CONFIG_NAME).exists():
+            self.model.save_pretrained(folder)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._snapshot(state, 0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._snapshot(state, state.global_step)
+
+
 def training_arguments(config: RunConfig, dtype: torch.dtype) -> TrainingArguments:
     """The Trainer's arguments for a run config (AdamW, linear schedule with warmup, weight decay 0, ...)."""
     t = config.training
@@ -213,14 +255,21 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     args = training_arguments(config, dtype)
     if args.should_save:
         save_run_config(config, output_dir / RUN_CONFIG_NAME)
+    callbacks = [MixingLogCallback(bitune_model, output_dir, "tensorboard" in config.training.report_to)]
+    if config.training.snapshot_steps:
+        callbacks.append(SnapshotCallback(bitune_model, output_dir, config.training.snapshot_steps))
     trainer = BituneTrainer(
         model=bitune_model,
         args=args,
         train_dataset=rows,
         data_collator=BituneCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[MixingLogCallback(bitune_model, output_dir, "tensorboard" in config.training.report_to)],
+        callbacks=callbacks,
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(
+            config.training.optimizer, config.training.learning_rate
+        ),
     )
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     trainer.save_model(str(output_dir))
+    trainer.save_state()  # trainer_state.json: the steps trained and the log history
     return output_dir

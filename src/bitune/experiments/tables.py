@@ -1,0 +1,105 @@
+"""Tables of a grid's report: final scores like the paper's tables (mean ± std over seeds), the budget
+curve (score after each number of updates), and CSVs with one row per run, task (and curve point)."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+
+from ..evaluation.report import results_table
+from .config import CompareConfig, run_key
+from .record import GridReport
+
+__all__ = ["curve_points", "curve_tables", "results_of", "results_table", "write_csvs"]
+
+
+def results_of(config: CompareConfig, report: GridReport) -> dict[str, dict[int, dict]]:
+    """Final scores of the grid's recorded runs: method -> seed -> task -> scores."""
+    results: dict[str, dict[int, dict]] = {}
+    for task, method, seed in config.runs():
+        run = report.runs.get(run_key(task, method, seed))
+        if run and run.get("fingerprint") == config.fingerprint(method, seed, task) and run.get("scores"):
+            results.setdefault(method, {}).setdefault(seed, {}).update(run["scores"])
+    return results
+
+
+def curve_points(config: CompareConfig, report: GridReport, task: str, eval_task: str) -> dict[str, dict]:
+    """method -> step -> [score of each seed] on ``eval_task`` for the grid task ``task``. The pretrained
+    model (not trained) has its one score at every step of the curve."""
+    steps = sorted(set(config.evaluation.curve_steps))
+    points: dict[str, dict[int, list[float]]] = {}
+    for method in config.methods:
+        for seed in config.seeds_of(method):
+            run = report.runs.get(run_key(task, method, seed))
+            if not run or run.get("fingerprint") != config.fingerprint(method, seed, task):
+                continue
+            if not config.is_trained(method):
+                if eval_task in run.get("scores", {}):
+                    for step in steps:
+                        points.setdefault(method, {}).setdefault(step, []).append(
+                            run["scores"][eval_task]["acc"]
+                        )
+                continue
+            curve = dict(run.get("curve", {}))
+            if eval_task in run.get("scores", {}) and run.get("steps") is not None:
+                curve.setdefault(str(run["steps"]), {eval_task: run["scores"][eval_task]})
+            for step, scores in curve.items():
+                if eval_task in scores:
+                    points.setdefault(method, {}).setdefault(int(step), []).append(scores[eval_task]["acc"])
+    return {m: dict(sorted(by_step.items())) for m, by_step in points.items()}
+
+
+def curve_tables(config: CompareConfig, report: GridReport) -> str:
+    """Markdown: per task, the score (%) after each number of updates, mean ± std over seeds."""
+    if not config.evaluation.curve_steps:
+        return ""
+    blocks = []
+    for task in config.grid_tasks:
+        for eval_task in config.eval_tasks(task):
+            points = curve_points(config, report, task, eval_task)
+            steps = sorted({s for by_step in points.values() for s in by_step})
+            if not steps:
+                continue
+            lines = [
+                f"{eval_task}: accuracy % after N updates (mean ± std over seeds; seeds per point in brackets)",
+                "",
+                "| method | " + " | ".join(str(s) for s in steps) + " |",
+                "|---|" + "---|" * len(steps),
+            ]
+            for method, by_step in points.items():
+                lines.append(f"| {method} | " + " | ".join(_cell(by_step.get(s, [])) for s in steps) + " |")
+            blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = 100 * statistics.fmean(values)
+    spread = f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else ""
+    return f"{mean:.1f}{spread} ({len(values)})"
+
+
+def write_csvs(config: CompareConfig, report: GridReport) -> None:
+    """``results.csv``: one row per run and task (final model); with a curve, ``curve.csv``: one row per
+    run, task and curve point."""
+    final = [["method", "seed", "task", "metric", "score", "stderr", "n"]]
+    curve = [["method", "seed", "task", "step", "score", "stderr", "n"]]
+    for task, method, seed in config.runs():
+        run = report.runs.get(run_key(task, method, seed))
+        if not run or run.get("fingerprint") != config.fingerprint(method, seed, task):
+            continue
+        for name, s in run.get("scores", {}).items():
+            final.append(
+                [method, seed, name, s.get("metric", "acc"), s["acc"], s.get("acc_stderr"), s.get("n")]
+            )
+        for step, scores in sorted(run.get("curve", {}).items(), key=lambda item: int(item[0])):
+            curve += [
+                [method, seed, name, step, s["acc"], s.get("acc_stderr"), s.get("n")]
+                for name, s in scores.items()
+            ]
+    tables = {"results.csv": final, "curve.csv": curve if config.evaluation.curve_steps else None}
+    for name, rows in tables.items():
+        if rows is not None:
+            with open(config.report_path / name, "w", newline="") as handle:
+                csv.writer(handle).writerows(rows)
