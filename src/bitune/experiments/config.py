@@ -32,7 +32,9 @@ PRETRAINED = None  # a method without overrides: not trained
 ALL = "all"  # the task key of a grid without a task dimension
 
 # Training fields that do not change what a run learns: left out of its fingerprint, so that e.g. more
-# snapshots or another logging interval reuse a finished run.
+# snapshots or another logging interval reuse a finished run. So are fields at their default value, so that
+# a field added to the run config later (with a default that keeps the old behaviour) does not orphan the
+# runs recorded before it.
 _BOOKKEEPING = (
     "output_dir",
     "save_steps",
@@ -179,8 +181,23 @@ class CompareConfig:
             run["training"].pop(name, None)
         if not self.is_trained(method):
             run = {"model": run["model"]}  # only the model matters when nothing is trained
+        run = _without_defaults(run, RunConfig().to_dict())
         content = {"run": run, "evaluation": self.evaluation.settings()}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _without_defaults(values: dict, defaults: dict) -> dict:
+    """``values`` without the entries equal to ``defaults`` (recursively for sections)."""
+    kept = {}
+    for name, value in values.items():
+        default = defaults.get(name, object())
+        if isinstance(value, dict) and isinstance(default, dict):
+            value = _without_defaults(value, default)
+            if value:
+                kept[name] = value
+        elif value != default:
+            kept[name] = value
+    return kept
 
 
 def _yaml_value(value: Any) -> str:
