@@ -64,9 +64,7 @@ def build(method: str, base: torch.nn.Module) -> torch.nn.Module:
     if method == "hf_peft_lora":
         return get_peft_model(model, default_peft_config())
     if method == "bitune_recompute":
-        bitune = get_bitune_model(model, BituneConfig(variant="bitune"))
-        bitune.checkpoint_prompt_passes = True
-        return bitune
+        return get_bitune_model(model, BituneConfig(variant="bitune", checkpoint_prompt_passes=True))
     return get_bitune_model(model, BituneConfig(variant=method))
 
 

@@ -84,31 +84,44 @@ def plain_peft(reference_base, model, adapter: str = "causal"):
     return peft_model
 
 
+# A batch of three rows of different lengths and prompt lengths, used by most model tests.
+LENGTHS, PROMPTS = [13, 9, 11], [7, 4, 9]
+
+
+def row_starts(lengths, side: str = "right", width: int | None = None) -> list[int]:
+    """The first real column of each row of `make_batch` (the same arguments)."""
+    width = width or max(lengths)
+    return [0 if side == "right" else width - length for length in lengths]
+
+
+def model_inputs(batch: dict) -> dict:
+    """The entries of a batch that ``BituneModel.forward`` takes (all of `make_batch`'s)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "prompt_lengths") if k in batch}
+
+
 def make_batch(lengths, prompt_lengths, side: str = "right", seed: int = 0, width: int | None = None):
     """Random rows of ``lengths`` real tokens padded on ``side``; labels are -100 on prompt and padding.
 
     Returns:
-        dict with input_ids, attention_mask, labels, prompt_lengths, and per-row ``starts``.
+        dict with input_ids, attention_mask, labels and prompt_lengths (what the collator gives).
     """
     generator = torch.Generator().manual_seed(seed)
     width = width or max(lengths)
     ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
     mask = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
-    starts = []
-    for i, (length, prompt) in enumerate(zip(lengths, prompt_lengths, strict=True)):
-        start = 0 if side == "right" else width - length
+    for i, (length, prompt, start) in enumerate(
+        zip(lengths, prompt_lengths, row_starts(lengths, side, width), strict=True)
+    ):
         row = torch.randint(3, VOCAB, (length,), generator=generator)
         ids[i, start : start + length] = row
         mask[i, start : start + length] = 1
         labels[i, start + prompt : start + length] = row[prompt:]
-        starts.append(start)
     return {
         "input_ids": ids,
         "attention_mask": mask,
         "labels": labels,
         "prompt_lengths": torch.tensor(prompt_lengths),
-        "starts": starts,
     }
 
 

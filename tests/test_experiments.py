@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from bitune.evaluation.report import results_table
+from bitune.evaluation.tables import results_table
 from bitune.experiments import load_compare_config, run_grid
 
 from conftest import tiny_run_files
@@ -72,23 +72,23 @@ def test_grid_resumes_and_isolates_failures(tmp_path, monkeypatch):
     stamp = trained.stat().st_mtime_ns
     forget(config, "bitune", 1)  # this one must be evaluated again
 
-    import bitune.evaluation.report
+    import bitune.evaluation.runner
 
-    real = bitune.evaluation.report.evaluate_target
+    real = bitune.evaluation.runner.evaluate_target
     calls = []
 
     def flaky(target, *args, **kwargs):
         calls.append(target)
         raise RuntimeError("evaluation crashed")
 
-    monkeypatch.setattr(bitune.evaluation.report, "evaluate_target", flaky)
+    monkeypatch.setattr(bitune.evaluation.runner, "evaluate_target", flaky)
     summary = run_grid(config)
     assert trained.stat().st_mtime_ns == stamp  # finished runs are not repeated
     assert calls == [str(tmp_path / "grid" / "bitune" / "seed1")]  # only the missing evaluation ran
     assert [(f["method"], f["seed"], f["task"]) for f in summary["failures"]] == [("bitune", 1, "all")]
     assert "evaluation crashed" in summary["failures"][0]["error"]
     assert set(summary["results"]["lora"]) == {1, 2} and set(summary["results"]["bitune"]) == {2}
-    monkeypatch.setattr(bitune.evaluation.report, "evaluate_target", real)
+    monkeypatch.setattr(bitune.evaluation.runner, "evaluate_target", real)
     assert not run_grid(config)["failures"]
 
 
@@ -110,13 +110,13 @@ def test_a_grid_continues_from_its_committed_report_on_a_fresh_machine(tmp_path,
 
     import shutil
 
-    import bitune.evaluation.report
+    import bitune.evaluation.runner
     import bitune.experiments.runner
 
     shutil.rmtree(tmp_path / "grid")  # a fresh machine: only the committed report folder is left
     calls = []
     monkeypatch.setattr(bitune.experiments.runner, "train", lambda *a, **k: calls.append("train"))
-    monkeypatch.setattr(bitune.evaluation.report, "evaluate_target", lambda *a, **k: calls.append("eval"))
+    monkeypatch.setattr(bitune.evaluation.runner, "evaluate_target", lambda *a, **k: calls.append("eval"))
     again = run_grid(config)
     assert calls == [] and not again["failures"]
     assert again["results"] == {m: {int(k): v for k, v in s.items()} for m, s in first["results"].items()}

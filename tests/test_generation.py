@@ -18,8 +18,8 @@ NEW = 6
 def greedy_by_full_recomputation(model, batch, steps: int):
     """Reference decoder: at every step run the whole Bitune forward on prompt + generated tokens."""
     outputs = []
-    for row, start in enumerate(batch["starts"]):
-        length = int(batch["attention_mask"][row].sum())
+    for row, mask in enumerate(batch["attention_mask"]):
+        start, length = int(mask.argmax()), int(mask.sum())
         tokens = batch["input_ids"][row, start : start + length].tolist()
         prompt_length = len(tokens)
         for _ in range(steps):

@@ -7,11 +7,9 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from bitune.loss import IGNORE_INDEX, answer_loss, linear_cross_entropy, plain_lm_head
+from bitune.loss import IGNORE_INDEX, answer_loss, linear_cross_entropy
 
-from conftest import ARCH_NAMES, bitune_pair, make_batch, tiny_model
-
-LENGTHS, PROMPTS = [13, 9, 11], [7, 4, 9]
+from conftest import ARCH_NAMES, LENGTHS, PROMPTS, bitune_pair, make_batch
 
 
 def head_and_inputs(dtype=torch.float32, vocab=50, hidden=16, bias=True, seed=0):
@@ -62,18 +60,10 @@ def test_linear_cross_entropy_without_gradients_and_with_a_trainable_head():
         linear_cross_entropy(states, head, targets)
 
 
-@pytest.mark.parametrize(
-    ("arch", "plain"), [("llama", True), ("gemma3_text", True), ("gpt2", True), ("gemma2", False)]
-)
-def test_plain_lm_head_probe(arch, plain):
-    """Gemma 2 soft-caps its logits, so they are not its head's output: the probe must say so."""
-    assert plain_lm_head(tiny_model(arch)) is plain
-
-
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_training_forward_without_logits_equals_forward_with_them(arch):
     model, _ = bitune_pair(arch)
-    batch = {k: v for k, v in make_batch(LENGTHS, PROMPTS).items() if k != "starts"}
+    batch = make_batch(LENGTHS, PROMPTS)
     model.train()
     fused = model(**batch)
     assert fused.logits is None  # the default in training with labels
@@ -93,7 +83,7 @@ def test_an_adapter_on_the_lm_head_falls_back_to_full_logits():
     """With LoRA on the head, the head is no longer a plain Linear; the loss must include the adapter."""
     peft_config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "lm_head"])
     model, _ = bitune_pair("llama", peft_config=peft_config)
-    batch = {k: v for k, v in make_batch(LENGTHS, PROMPTS).items() if k != "starts"}
+    batch = make_batch(LENGTHS, PROMPTS)
     model.train()
     assert model._fusable_head() is None
     torch.testing.assert_close(model(**batch).loss, model(**batch, skip_logits=False).loss)

@@ -10,18 +10,25 @@ from bitune import VARIANTS, BituneConfig, get_bitune_model
 from bitune.masks import layer_attention_types
 from bitune.model import BituneCausalLMOutput
 
-from conftest import ARCH_NAMES, bitune_pair, make_batch, plain_peft, zero_thetas
+from conftest import (  # LENGTHS, PROMPTS: mixed prompt and answer lengths; prompts > sliding window 4
+    ARCH_NAMES,
+    LENGTHS,
+    PROMPTS,
+    bitune_pair,
+    make_batch,
+    model_inputs,
+    plain_peft,
+    zero_thetas,
+)
 
-LENGTHS, PROMPTS = [13, 9, 11], [7, 4, 9]  # mixed prompt and answer lengths; prompts > sliding window 4
 
-
-def model_inputs(batch):
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+def first_column(batch, row: int) -> int:
+    return int(batch["attention_mask"][row].argmax())
 
 
 def answer_positions_in_full(batch, row: int):
     """Columns of the full sequence whose logits match answer-pass logits 0.. of ``row``."""
-    start, prompt = batch["starts"][row], int(batch["prompt_lengths"][row])
+    start, prompt = first_column(batch, row), int(batch["prompt_lengths"][row])
     length = int(batch["attention_mask"][row].sum())
     return torch.arange(start + prompt - 1, start + length)
 
@@ -35,7 +42,7 @@ def assert_answer_logits_match(out: BituneCausalLMOutput, full_logits: torch.Ten
         )
 
 
-# 1 ------------------------------------------------------------------------------------------------
+# equivalence with plain PEFT at theta = 0 ---------------------------------------------------------
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_zero_theta_equals_plain_peft_with_causal_adapter(arch, side):
     model, reference_base = bitune_pair(arch)
@@ -68,7 +75,7 @@ def test_zero_theta_greedy_generate_equals_plain_peft(arch):
     assert torch.equal(ours, theirs)
 
 
-# 2 ------------------------------------------------------------------------------------------------
+# the lora variant equals plain PEFT ---------------------------------------------------------------
 def test_lora_variant_equals_plain_peft_loss_and_gradients(arch):
     model, reference_base = bitune_pair(arch, variant="lora")
     reference = plain_peft(reference_base, model)
@@ -85,7 +92,7 @@ def test_lora_variant_equals_plain_peft_loss_and_gradients(arch):
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
-# 3 ------------------------------------------------------------------------------------------------
+# naive bidir equals a prefix LM -------------------------------------------------------------------
 def prefix_lm_mask(batch, config, dtype):
     """Additive 4D mask, built independently of bitune: bidirectional among each row's prompt tokens
     except the last (HF's symmetric inclusive window on sliding layers), causal everywhere else."""
@@ -97,7 +104,7 @@ def prefix_lm_mask(batch, config, dtype):
     for kind in set(layer_attention_types(config)):
         rows = []
         for row in range(batch_size):
-            start, prompt = batch["starts"][row], int(batch["prompt_lengths"][row])
+            start, prompt = first_column(batch, row), int(batch["prompt_lengths"][row])
             in_prefix = (q >= start) & (q < start + prompt - 1) & (k >= start) & (k < start + prompt - 1)
             causal = k <= q
             if kind == "sliding_attention":
@@ -127,7 +134,7 @@ def test_naive_bidir_equals_prefix_lm_with_explicit_mask(arch):
     assert_answer_logits_match(out, full, batch)
 
 
-# 4 ------------------------------------------------------------------------------------------------
+# what each prompt pass sees -----------------------------------------------------------------------
 def prompt_cache_tensors(model, ids):
     with torch.no_grad():
         cache = model.prefill(ids)
@@ -172,7 +179,7 @@ def test_anti_causal_pass_lets_tokens_see_only_later_ones(arch):
         assert bool(columns[-3]) == (layer > 0), f"layer {layer}: wrong anti-causal dependency"
 
 
-# 5 ------------------------------------------------------------------------------------------------
+# padding ------------------------------------------------------------------------------------------
 # every family with the full method; every variant (they share the batching code) on two families
 PADDING_CASES = [(a, "bitune") for a in ARCH_NAMES] + [
     (a, v) for a in ("llama", "gemma3_text") for v in VARIANTS if v != "bitune"
@@ -200,7 +207,7 @@ def test_padded_batch_equals_rows_alone(arch, variant, side):
     torch.testing.assert_close(out.loss, total / count, atol=1e-5, rtol=1e-5)
 
 
-# 6 ------------------------------------------------------------------------------------------------
+# what trains --------------------------------------------------------------------------------------
 OWNED = {  # variant -> (adapters, has mixing)
     "bitune": ({"causal", "bidir"}, True),
     "naive_bidir": ({"causal"}, False),
@@ -248,22 +255,22 @@ def test_bidir_adapter_skips_modules_that_cannot_reach_kv():
     assert not any(f"{last}self_attn.q_proj" in n or f"{last}mlp" in n for n in bidir)
 
 
-# 9 ------------------------------------------------------------------------------------------------
+# bf16 weights, fp32 mixing ------------------------------------------------------------------------
 def test_bf16_model_keeps_thetas_and_mix_in_fp32():
     model, _ = bitune_pair("llama")
     model.to(torch.bfloat16)
     assert model.base_model.dtype == torch.bfloat16
     assert model.mixing.theta_k.dtype == torch.float32 and model.mixing.theta_v.dtype == torch.float32
     model.train()
-    model.stack_prompt_passes = True
-    out = model(**model_inputs(make_batch(LENGTHS, PROMPTS)))
+    with model.prompt_pass_options(stack="always"):
+        out = model(**model_inputs(make_batch(LENGTHS, PROMPTS)))
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert model.mixing.theta_k.grad.dtype == torch.float32
     assert model.mixing.theta_k.grad.abs().sum() > 0
 
 
-# gradient checkpointing ---------------------------------------------------------------------------
+# refusals, frozen adapters, stacking --------------------------------------------------------------
 def test_gradient_checkpointing_is_refused_not_silently_wrong():
     model, _ = bitune_pair("llama")
     with pytest.raises(ValueError, match=r"gradient checkpointing(.|\n)*checkpoint_prompt_passes"):
@@ -320,16 +327,17 @@ def test_stacked_prompt_passes_equal_passes_run_one_after_the_other(arch, varian
     model.train()
     batch = make_batch(LENGTHS, PROMPTS, side="left")
     outputs, grads = {}, {}
-    for stack in (True, False):
-        model.stack_prompt_passes = stack
+    for stack in ("always", "never"):
         model.zero_grad(set_to_none=True)
-        outputs[stack] = model(**model_inputs(batch))
+        with model.prompt_pass_options(stack=stack):
+            outputs[stack] = model(**model_inputs(batch))
         outputs[stack].loss.backward()
         grads[stack] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    torch.testing.assert_close(outputs[True].logits, outputs[False].logits, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(outputs[True].loss, outputs[False].loss, atol=1e-6, rtol=1e-5)
-    for name, grad in grads[False].items():  # each adapter learns from its own pass only
-        torch.testing.assert_close(grads[True][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(outputs["always"].logits, outputs["never"].logits, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(outputs["always"].loss, outputs["never"].loss, atol=1e-6, rtol=1e-5)
+    for name, grad in grads["never"].items():  # each adapter learns from its own pass only
+        torch.testing.assert_close(grads["always"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert model.prompt_passes.options.stack == "auto"  # the context manager restored the model's own
 
 
 def test_adapters_without_per_row_routing_run_passes_one_after_the_other():
@@ -337,12 +345,17 @@ def test_adapters_without_per_row_routing_run_passes_one_after_the_other():
     model, _ = bitune_pair("llama", peft_config=dora)
     assert not model.adapters.can_route_rows  # PEFT has no mixed batches for DoRA
     assert bitune_pair("llama")[0].adapters.can_route_rows
-    model.stack_prompt_passes = True
+    assert not model.prompt_passes.stacked  # auto: sequential
     out = model(**model_inputs(make_batch(LENGTHS, PROMPTS)))
     assert torch.isfinite(out.loss)
+    with (
+        pytest.raises(ValueError, match=r"stack_prompt_passes='always' cannot stack.*routed per row"),
+        model.prompt_pass_options(stack="always"),
+    ):
+        pass
 
 
-# Families that cannot run a pass are refused up front, not run silently wrong -----------------------------
+# families that cannot run a pass are refused up front, not run silently wrong ---------------------
 def test_a_model_that_ignores_every_non_causal_mask_is_refused_for_non_causal_variants():
     from conftest import tiny_model
 
@@ -368,17 +381,21 @@ def test_stacking_falls_back_to_sequential_passes_where_explicit_masks_fail():
     model = get_bitune_model(
         tiny_model("opt", ffn_dim=48, word_embed_proj_dim=32), BituneConfig(variant="shared_weights")
     )
-    assert model.stacking_mask_problem and not model.explicit_masks_for  # is_causal works, 4D masks do not
+    assert (
+        model.support.stacking_problem and not model.support.explicit_masks
+    )  # is_causal works, 4D masks do not
     batch = model_inputs(make_batch(LENGTHS, PROMPTS))
     auto = model(**batch)  # "auto" would stack the two shared-adapter passes; here it must not
-    model.stack_prompt_passes = False
-    torch.testing.assert_close(auto.loss, model(**batch).loss)
-    model.stack_prompt_passes = True
-    with pytest.raises(ValueError, match="stack_prompt_passes=True needs an explicit per-row 4D mask"):
-        model(**batch)
+    with model.prompt_pass_options(stack="never"):
+        torch.testing.assert_close(auto.loss, model(**batch).loss)
+    with (
+        pytest.raises(ValueError, match=r"stack_prompt_passes='always' cannot stack.*per-row 4D mask"),
+        model.prompt_pass_options(stack="always"),
+    ):
+        pass
 
 
 def test_stablelm_gets_explicit_masks_for_its_bidirectional_passes():
     model, _ = bitune_pair("stablelm")
-    assert model.explicit_masks_for == {"bidirectional"}
-    assert bitune_pair("llama")[0].explicit_masks_for == set()
+    assert model.support.explicit_masks == {"bidirectional"}
+    assert bitune_pair("llama")[0].support.explicit_masks == set()

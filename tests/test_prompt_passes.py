@@ -8,13 +8,11 @@ import torch
 
 from bitune import prompt_passes
 
-from conftest import ARCH_NAMES, bitune_pair, make_batch
-
-LENGTHS, PROMPTS = [13, 9, 11], [7, 4, 9]
+from conftest import ARCH_NAMES, LENGTHS, PROMPTS, bitune_pair, make_batch
 
 
 def batch_inputs():
-    return {k: v for k, v in make_batch(LENGTHS, PROMPTS).items() if k != "starts"}
+    return make_batch(LENGTHS, PROMPTS)
 
 
 def loss_grads_and_saved_bytes(model, inputs):
@@ -41,7 +39,7 @@ def loss_grads_and_saved_bytes(model, inputs):
     [(arch, "bitune", "bidirectional", "auto") for arch in ARCH_NAMES]
     + [
         ("llama", "bitune", "anti_causal", "auto"),
-        ("llama", "bitune", "bidirectional", True),  # both passes in one forward, adapters routed per row
+        ("llama", "bitune", "bidirectional", "always"),  # both passes in one forward, adapters routed per row
         ("gemma3_text", "shared_weights", "bidirectional", "auto"),  # stacked, one adapter
         ("mistral", "only_causal", "causal", "auto"),
         ("qwen2", "naive_bidir", "bidirectional", "auto"),
@@ -52,11 +50,11 @@ def loss_grads_and_saved_bytes(model, inputs):
 def test_checkpointed_prompt_passes_give_the_same_loss_and_gradients(arch, variant, mask, stack):
     model, _ = bitune_pair(arch, variant=variant, second_pass_mask=None if variant == "only_causal" else mask)
     model.train()
-    model.stack_prompt_passes = stack
     inputs = batch_inputs()
-    loss, grads, saved = loss_grads_and_saved_bytes(model, inputs)
-    model.checkpoint_prompt_passes = True
-    loss_ckpt, grads_ckpt, saved_ckpt = loss_grads_and_saved_bytes(model, inputs)
+    with model.prompt_pass_options(stack=stack):
+        loss, grads, saved = loss_grads_and_saved_bytes(model, inputs)
+    with model.prompt_pass_options(stack=stack, recompute=True):
+        loss_ckpt, grads_ckpt, saved_ckpt = loss_grads_and_saved_bytes(model, inputs)
     torch.testing.assert_close(loss_ckpt, loss, atol=0, rtol=0)
     assert grads.keys() == grads_ckpt.keys() and grads
     for name in grads:
@@ -67,8 +65,7 @@ def test_checkpointed_prompt_passes_give_the_same_loss_and_gradients(arch, varia
 def test_checkpointing_is_off_without_gradients(monkeypatch):
     """Under no_grad (evaluation, generation) there is nothing to recompute: no checkpoint is made; with
     gradients, one per prompt pass."""
-    model, _ = bitune_pair("llama")
-    model.checkpoint_prompt_passes = True
+    model, _ = bitune_pair("llama", checkpoint_prompt_passes=True)  # the option as configured, not flipped
     calls = []
     original = prompt_passes.checkpoint
     monkeypatch.setattr(prompt_passes, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))

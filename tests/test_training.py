@@ -16,14 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bitune.layout import checkpoints, is_complete_checkpoint, latest_complete_checkpoint, snapshot_dir
 from bitune.run_config import load_run_config
-from bitune.training import (
-    checkpoints,
-    is_complete_checkpoint,
-    latest_complete_checkpoint,
-    snapshot_dir,
-    train,
-)
+from bitune.training import train
 
 from conftest import tiny_run_files
 

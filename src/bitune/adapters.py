@@ -3,9 +3,9 @@
 The ``causal`` adapter reads the prompt causally and models the answer; the ``bidir`` adapter reads the
 prompt a second time. Only the keys and values of each layer leave a prompt pass, so any module whose
 output cannot reach a K/V (in the last layer: the query and output projections and the MLP; the LM head)
-would give the bidir adapter parameters that never receive a gradient. They are found once, by autograd
-on a two-token probe, and excluded from that adapter: parameter counts stay honest and DDP needs no
-``find_unused_parameters``.
+would give the bidir adapter parameters that never receive a gradient. Those modules are found by a probe
+(`bitune.probes`) and excluded from that adapter (`with_excluded_modules`): parameter counts stay honest and
+DDP needs no ``find_unused_parameters``.
 
 PEFT's ``set_adapter`` also flips ``requires_grad`` (only the active adapter trains). Bitune trains both
 adapters in one backward, so `AdapterSwitch` changes only which adapter a pass uses.
@@ -18,88 +18,15 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import peft
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model
-from peft.tuners.lora.layer import Linear as LoraLinear
+from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
-from .masks import ATTENTION_LAYER_TYPES
+from . import compat
 
 
-def modules_without_kv_influence(model: PreTrainedModel) -> tuple[list[str], int]:
-    """Names of the parameterised leaf modules whose output cannot change any layer's cached K/V.
-
-    Runs the model on two tokens with a zero added to each leaf module's output and asks autograd which
-    of those zeros the cache depends on. Exact for the architecture, whatever its module names.
-
-    Returns:
-        (sorted module names, number of cache layers the model fills).
-    """
-    leaves = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name and not any(True for _ in module.children()) and any(True for _ in module.parameters(False))
-    ]
-    probes: dict[str, list[torch.Tensor]] = {}
-
-    def probe(name: str):
-        def hook(module, args, output):
-            if isinstance(output, torch.Tensor) and output.is_floating_point():
-                zero = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-                probes.setdefault(name, []).append(zero)
-                return output + zero
-            return None
-
-        return hook
-
-    layer_types = set(getattr(model.config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES
-    if layer_types:  # checked before the forward, which some of these models fail with a cache we do not pass
-        raise _not_attention(model, f"{sorted(layer_types)} layers")
-    handles = [module.register_forward_hook(probe(name)) for name, module in leaves]
-    device = next(model.parameters()).device
-    try:
-        with torch.enable_grad():
-            ids = torch.zeros((1, 2), dtype=torch.long, device=device)
-            cache = getattr(model(input_ids=ids, use_cache=True), "past_key_values", None)
-            if cache is None or not len(getattr(cache, "layers", ())):
-                raise ValueError(
-                    f"{type(model).__name__} returned no KV cache; Bitune needs a decoder with one"
-                )
-            other = {type(layer).__name__ for layer in cache.layers if not _holds_kv(layer)}
-            if other:
-                raise _not_attention(model, f"cache layers {sorted(other)}")
-            total = sum(layer.keys.float().sum() + layer.values.float().sum() for layer in cache.layers)
-            names = list(probes)
-            flat = [z for n in names for z in probes[n]]
-            grads = torch.autograd.grad(total, flat, allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    reached, i = set(), 0
-    for name in names:
-        count = len(probes[name])
-        if any(g is not None for g in grads[i : i + count]):
-            reached.add(name)
-        i += count
-    return sorted(set(names) - reached), len(cache.layers)
-
-
-def _not_attention(model: PreTrainedModel, what: str) -> ValueError:
-    return ValueError(
-        f"{type(model).__name__} has {what} whose cached state is not attention keys and values (state-space, "
-        "linear-attention or convolution layers); Bitune mixes per-layer attention K/V caches and supports "
-        "decoders whose every layer is attention"
-    )
-
-
-def _holds_kv(layer) -> bool:
-    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-    return isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor) and keys.numel() > 0
-
-
-def with_excluded_modules(config: PeftConfig, names: list[str]) -> PeftConfig:
+def with_excluded_modules(config: PeftConfig, names: list[str] | tuple[str, ...]) -> PeftConfig:
     """A copy of ``config`` that also excludes the modules ``names`` (full module names)."""
     config = copy.deepcopy(config)
     if not names:
@@ -137,6 +64,29 @@ def adapter_parameters(
     return {n: p for n, p in peft_model.named_parameters() if wanted.intersection(n.split("."))}
 
 
+def adapter_state_dict(peft_model: PeftModel, name: str) -> dict[str, torch.Tensor]:
+    """The weights of adapter ``name`` in PEFT's saved form (what ``adapter_model.safetensors`` holds)."""
+    return get_peft_model_state_dict(peft_model, adapter_name=name)
+
+
+def load_adapter_state_dict(peft_model: PeftModel, name: str, weights: dict[str, torch.Tensor]) -> None:
+    """Load `adapter_state_dict`'s output into adapter ``name``.
+
+    Raises:
+        ValueError: if the weights do not fit the adapter (unexpected or missing keys, wrong shapes).
+    """
+    try:
+        result = set_peft_model_state_dict(peft_model, weights, adapter_name=name)
+    except RuntimeError as exc:  # size mismatches
+        raise ValueError(f"adapter {name!r}: the saved weights do not fit the model ({exc})") from None
+    missing = [k for k in result.missing_keys if f".{name}." in k or k.endswith(f".{name}")]
+    if result.unexpected_keys or missing:
+        raise ValueError(
+            f"adapter {name!r}: the saved weights do not fit the model: unexpected {result.unexpected_keys[:5]}, "
+            f"missing {missing[:5]}"
+        )
+
+
 class AdapterSwitch:
     """Switches the active adapter of every PEFT layer for one pass, leaving ``requires_grad`` alone.
 
@@ -148,26 +98,26 @@ class AdapterSwitch:
     def __init__(self, peft_model: PeftModel) -> None:
         self.peft_model = peft_model
         self.layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
-        if not self.layers or not all(hasattr(m, "_active_adapter") for m in self.layers):
-            raise RuntimeError(
-                f"peft {peft.__version__} keeps no per-layer active adapter where bitune expects it; "
-                "please report this with your peft version"
-            )
+        if not self.layers:
+            raise ValueError("the PEFT model has no adapter layers: its config matched no module")
+        for layer in self.layers:
+            compat.check_peft_layer(layer)
 
     @property
-    def current(self) -> str:
-        return self.peft_model.base_model.active_adapter
+    def current(self) -> str | list[str]:
+        """The active adapter (PEFT keeps a one-element list after ``get_peft_model``; that is one name)."""
+        active = self.peft_model.base_model.active_adapter
+        return active[0] if isinstance(active, list) and len(active) == 1 else active
 
-    def _set(self, name: str) -> None:
-        for layer in self.layers:
-            layer._active_adapter = [name]
-        self.peft_model.base_model.active_adapter = name
+    def _set(self, names: str | list[str]) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        compat.set_active_adapters(self.layers, names)
+        self.peft_model.base_model.active_adapter = names[0] if len(names) == 1 else names
 
     @property
     def can_route_rows(self) -> bool:
-        """Whether `per_row` is exact for every layer: plain LoRA (no DoRA, whose weight normalisation also
-        touches rows that bypass its low-rank path)."""
-        return all(isinstance(m, LoraLinear) and not any(m.use_dora.values()) for m in self.layers)
+        """Whether `per_row` is exact for every layer (plain LoRA; not DoRA or IA3)."""
+        return all(compat.routes_rows_exactly(m) for m in self.layers)
 
     @contextmanager
     def per_row(self, names: list[str]) -> Iterator[None]:
@@ -178,7 +128,14 @@ class AdapterSwitch:
         gradient reaches only that adapter). This costs one extra rank-r product per layer; PEFT's own
         mixed-batch path (``adapter_names``, inference only there) gathers and scatters sub-batches
         instead and measured slower here.
+
+        Raises:
+            ValueError: if an adapter is not plain LoRA (`can_route_rows`).
         """
+        if not self.can_route_rows:
+            raise ValueError(
+                "per-row adapters need plain LoRA layers (DoRA, IA3 and others cannot be routed)"
+            )
         unique = list(dict.fromkeys(names))
         rows = {name: torch.tensor([n == name for n in names]) for name in unique}
 
@@ -191,14 +148,13 @@ class AdapterSwitch:
             return hook
 
         handles = [
-            layer.lora_A[name].register_forward_pre_hook(masked(name))
+            module.register_forward_pre_hook(masked(name))
             for layer in self.layers
             for name in unique
-            if name in layer.lora_A
+            if (module := compat.lora_input_module(layer, name)) is not None
         ]
         previous = self.current
-        for layer in self.layers:
-            layer._active_adapter = unique
+        compat.set_active_adapters(self.layers, unique)
         try:
             yield
         finally:

@@ -20,6 +20,31 @@ import torch
 IGNORE_INDEX = -100
 
 
+@dataclass(frozen=True)
+class AnswerPass:
+    """Inputs of the causal answer pass that continues a prompt cache.
+
+    ``ids`` (B, Ta) are right-padded answer-pass tokens (the prompt's last token first), ``mask`` (B, Ta)
+    marks real ones, ``positions`` (B, Ta) are their position ids, ``prompt_mask`` (B, Tp) is the padding
+    mask of the cached prompt columns.
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    prompt_mask: torch.Tensor
+
+    def model_inputs(self, cache) -> dict:
+        """Keyword arguments of a Hugging Face decoder call that continues ``cache`` (which grows)."""
+        return dict(
+            input_ids=self.ids,
+            attention_mask=torch.cat([self.prompt_mask, self.mask], dim=1),
+            position_ids=self.positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+
+
 @dataclass
 class PromptAnswerBatch:
     """A batch split at the prompt boundary. Shapes: prompt (B, Tp), answer (B, Ta)."""
@@ -31,6 +56,10 @@ class PromptAnswerBatch:
     answer_mask: torch.Tensor
     answer_positions: torch.Tensor
     targets: torch.Tensor | None  # (B, Ta): the label each answer-pass logit predicts, IGNORE_INDEX if none
+
+    @property
+    def answer(self) -> AnswerPass:
+        return AnswerPass(self.answer_ids, self.answer_mask, self.answer_positions, self.prompt_mask)
 
 
 def real_token_spans(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

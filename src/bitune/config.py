@@ -30,6 +30,7 @@ CAUSAL_ADAPTER = "causal"
 BIDIR_ADAPTER = "bidir"
 
 MASKS = ("bidirectional", "anti_causal", "causal")
+STACK_MODES = ("auto", "always", "never")
 SECOND = "second"  # placeholder in a recipe for the configured `second_pass_mask`
 
 # variant -> (prompt passes as (adapter, mask), uses mixing)
@@ -55,6 +56,29 @@ class PromptPass:
 
     adapter: str
     mask: str
+
+
+@dataclass(frozen=True)
+class PromptPassOptions:
+    """How the prompt passes run; never what they compute (every setting gives the same cache).
+
+    Args:
+        stack: run two prompt passes as one forward over the batch stacked twice, each row with its own
+            mask and adapter. ``auto``: when one adapter serves both passes (measured faster on CPU);
+            ``always``: also route two adapters per row (measured slower on CPU), or raise if the model or
+            adapter type cannot; ``never``: one forward per pass.
+        recompute: keep only the prompt caches from forward and recompute the prompt passes' activations
+            in backward: less memory (those activations are most of Bitune's extra) for one more forward.
+    """
+
+    stack: str = "auto"
+    recompute: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stack not in STACK_MODES:
+            raise ValueError(f"stack_prompt_passes must be one of {STACK_MODES}, got {self.stack!r}")
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"checkpoint_prompt_passes must be true or false, got {self.recompute!r}")
 
 
 @dataclass
@@ -98,6 +122,19 @@ class BituneConfig:
         },
     )
 
+    stack_prompt_passes: str = field(
+        default="auto",
+        metadata={"help": f"One of {STACK_MODES}: PromptPassOptions.stack (speed only, same results)."},
+    )
+    checkpoint_prompt_passes: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute the prompt passes in backward instead of keeping their activations: "
+            "PromptPassOptions.recompute (memory only, same results). Hugging Face's gradient checkpointing "
+            "would drop the prompt caches and is refused."
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.variant not in _RECIPES:
             raise ValueError(f"BituneConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
@@ -131,12 +168,21 @@ class BituneConfig:
             )
         self.alpha_init = float(self.alpha_init)
         self.peft_config = _validated_peft_config(self.peft_config)
+        try:
+            self.prompt_pass_options  # noqa: B018 (validates both fields)
+        except ValueError as exc:
+            raise ValueError(f"BituneConfig.{exc}") from None
 
     @property
     def prompt_passes(self) -> tuple[PromptPass, ...]:
         """The prompt passes of this variant, in order; with mixing, the first is the causal side."""
         passes, _ = _RECIPES[self.variant]
         return tuple(PromptPass(a, self.second_pass_mask if m == SECOND else m) for a, m in passes)
+
+    @property
+    def prompt_pass_options(self) -> PromptPassOptions:
+        """How the prompt passes run (speed and memory, never results)."""
+        return PromptPassOptions(stack=self.stack_prompt_passes, recompute=self.checkpoint_prompt_passes)
 
     @property
     def uses_mixing(self) -> bool:
@@ -157,6 +203,8 @@ class BituneConfig:
             "theta_init": self.theta_init,
             "alpha_init": self.alpha_init,
             "peft_config": peft_config_to_dict(self.peft_config),
+            "stack_prompt_passes": self.stack_prompt_passes,
+            "checkpoint_prompt_passes": self.checkpoint_prompt_passes,
         }
 
     @classmethod

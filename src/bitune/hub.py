@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .compat import clear_gguf_quantizer
+
 CACHE_ENV = "BITUNE_CACHE_DIR"
 SOURCE_NAME = "bitune_source.json"
 
@@ -125,7 +127,7 @@ def packaged_model_path(alias: str) -> Path:
             str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        _clear_gguf_quantizer(model)
+        clear_gguf_quantizer(model)
         out = staging / "model"
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
@@ -200,15 +202,6 @@ def load_model(
     if device is not None:
         model.to(device)
     return model, tokenizer
-
-
-def _clear_gguf_quantizer(model: PreTrainedModel) -> None:
-    # A GGUF-loaded model stays flagged as quantized although its weights are dequantized; save_pretrained
-    # and Trainer refuse such a model. The weights are plain tensors, so the flags are dropped.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
 
 
 def _version(module: str) -> str | None:

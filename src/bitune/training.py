@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -28,20 +27,17 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .data import BituneCollator, load_rows
 from .hub import load_model
+from .layout import (
+    LOG_CSV,
+    LOG_JSONL,
+    RUN_CONFIG,
+    is_model_dir,
+    latest_complete_checkpoint,
+    snapshot_dir,
+)
 from .model import BituneModel, get_bitune_model
 from .optim import optimizer_cls_and_kwargs
 from .run_config import RunConfig, save_run_config
-from .saving import CONFIG_NAME, load_weights_into
-
-RUN_CONFIG_NAME = "run_config.yaml"
-TRAINER_STATE = "trainer_state.json"
-CHECKPOINT_PREFIX = "checkpoint-"
-SNAPSHOTS = "snapshots"
-
-
-def snapshot_dir(output_dir: str | Path, step: int) -> Path:
-    """Where the weights after ``step`` updates are kept (a loadable Bitune model directory)."""
-    return Path(output_dir) / SNAPSHOTS / f"step-{step}"
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -51,44 +47,6 @@ def resolve_dtype(name: str) -> torch.dtype:
             torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
         )
     return getattr(torch, name)
-
-
-def is_complete_checkpoint(path: Path) -> bool:
-    """A checkpoint is complete when the Trainer's state (written after everything else) and bitune's
-    config both parse."""
-    try:
-        json.loads((path / TRAINER_STATE).read_text())
-        json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def checkpoints(output_dir: str | Path) -> list[Path]:
-    """Checkpoint folders of a run, oldest first."""
-    folders = [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()]
-    return sorted(folders, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :] or -1))
-
-
-def trained_steps(output_dir: str | Path) -> int:
-    """Updates the model in a finished run directory was trained for."""
-    for folder in (Path(output_dir), *reversed(checkpoints(output_dir))):
-        try:
-            return int(json.loads((folder / TRAINER_STATE).read_text())["global_step"])
-        except (OSError, ValueError, KeyError):
-            continue
-    raise FileNotFoundError(f"{output_dir} has no {TRAINER_STATE}: it holds no finished training run")
-
-
-def latest_complete_checkpoint(output_dir: str | Path, discard_incomplete: bool = False) -> Path | None:
-    """The newest complete checkpoint; with ``discard_incomplete``, newer half-written ones are removed."""
-    latest = None
-    for folder in checkpoints(output_dir):
-        if is_complete_checkpoint(folder):
-            latest = folder
-        elif discard_incomplete:
-            shutil.rmtree(folder, ignore_errors=True)
-    return latest
 
 
 class BituneTrainer(Trainer):
@@ -104,7 +62,7 @@ class BituneTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_weights_into(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+        self.accelerator.unwrap_model(model or self.model).load_trained_weights(resume_from_checkpoint)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model)
@@ -136,12 +94,12 @@ class MixingLogCallback(TrainerCallback):
             "alpha_k": ratios["k"],
             "alpha_v": ratios["v"],
         }
-        with open(self.output_dir / "log.jsonl", "a") as handle:
+        with open(self.output_dir / LOG_JSONL, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         flat = {k: v for k, v in record.items() if not isinstance(v, list)}
         for kind in ("k", "v"):
             flat.update({f"alpha_{kind}_{i:02d}": a for i, a in enumerate(ratios[kind])})
-        path = self.output_dir / "log.csv"
+        path = self.output_dir / LOG_CSV
         new = not path.exists()
         with open(path, "a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(flat), extrasaction="ignore")
@@ -176,7 +134,7 @@ class SnapshotCallback(TrainerCallback):
 
     def _snapshot(self, state, step: int) -> None:
         folder = snapshot_dir(self.output_dir, step)
-        if state.is_world_process_zero and step in self.steps and not (folder / CONFIG_NAME).exists():
+        if state.is_world_process_zero and step in self.steps and not is_model_dir(folder):
             self.model.save_pretrained(folder)
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -228,7 +186,7 @@ def train(config: RunConfig, resume: bool = False) -> Path:
         FileExistsError: if the run directory already holds a run and ``resume`` is False.
     """
     output_dir = Path(config.training.output_dir)
-    if not resume and (output_dir / RUN_CONFIG_NAME).exists():
+    if not resume and (output_dir / RUN_CONFIG).exists():
         raise FileExistsError(
             f"{output_dir} already holds a run; pass resume=True (--resume) or another output_dir"
         )
@@ -250,11 +208,10 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     )
     if not rows:
         raise ValueError(f"no training rows left from {config.data.train!r} (see the summary above)")
-    bitune_model = get_bitune_model(model, config.bitune.to_bitune_config())
-    bitune_model.checkpoint_prompt_passes = config.training.checkpoint_prompt_passes
+    bitune_model = get_bitune_model(model, config.bitune_config())
     args = training_arguments(config, dtype)
     if args.should_save:
-        save_run_config(config, output_dir / RUN_CONFIG_NAME)
+        save_run_config(config, output_dir / RUN_CONFIG)
     callbacks = [MixingLogCallback(bitune_model, output_dir, "tensorboard" in config.training.report_to)]
     if config.training.snapshot_steps:
         callbacks.append(SnapshotCallback(bitune_model, output_dir, config.training.snapshot_steps))

@@ -15,13 +15,14 @@ from transformers import PreTrainedTokenizerBase
 from .collator import MAX_LENGTH, BituneCollator, build_rows, render, tokenize_pair
 from .formats import FORMATS, load_instructions
 from .report import DataReport
-from .tasks import TASKS, content_key, load_task
+from .tasks import SOURCES, TASKS, check_source, content_key, load_task
 from .templates import CHOICE_TEMPLATES, ChoiceTemplate, Instruction, MultipleChoice, instruction_prompt
 
 __all__ = [
     "CHOICE_TEMPLATES",
     "FORMATS",
     "MAX_LENGTH",
+    "SOURCES",
     "TASKS",
     "BituneCollator",
     "ChoiceTemplate",
@@ -29,6 +30,7 @@ __all__ = [
     "Instruction",
     "MultipleChoice",
     "build_rows",
+    "check_source",
     "content_key",
     "instruction_prompt",
     "load_instructions",

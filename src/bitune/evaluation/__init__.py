@@ -1,6 +1,7 @@
 """Evaluation of Bitune models with lm-evaluation-harness: the ``bitune`` model type (harness.py), the
-paper's tasks (lm_eval_tasks/), continuation scoring with one prefill per prompt (scoring.py) and the
-tables (report.py). Importing `bitune.evaluation.harness` registers the model type with lm-eval."""
+paper's tasks (lm_eval_tasks/, named in tasks.py), continuation scoring with one prefill per prompt
+(scoring.py), `bitune eval` (runner.py) and the tables (tables.py). Importing
+`bitune.evaluation.harness` registers the model type with lm-eval."""
 
 from .scoring import ContinuationRequest, score_continuations
 

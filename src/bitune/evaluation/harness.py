@@ -14,9 +14,10 @@ that point:
 - ``loglikelihood_rolling`` (perplexity over a document, no prompt) uses the causal adapter only, i.e.
   lm-eval's own scoring of the underlying model: there is no instruction to read bidirectionally.
 
-Model args are strings, so data-parallel evaluation with ``accelerate launch`` works. lm-eval finds model
-types only when their module is imported: use the ``bitune-lm-eval`` command (lm-eval's CLI with this
-module imported and bitune's task folder included) or `evaluate` from Python.
+Model args are plain values (strings on lm-eval's command line, a dict from Python: never a string built
+from a path), so data-parallel evaluation with ``accelerate launch`` works. lm-eval finds model types only
+when their module is imported: use the ``bitune-lm-eval`` command (lm-eval's CLI with this module imported
+and bitune's task folder included) or `bitune.evaluation.runner.evaluate` from Python.
 
 A Bitune run directory is *not* a PEFT adapter directory: ``--model hf --model_args peft=RUN_DIR`` fails in
 PEFT (no ``adapter_config.json`` at the root). ``RUN_DIR/causal`` alone is a plain LoRA adapter and would be
@@ -28,7 +29,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from lm_eval.api.registry import register_model
@@ -37,21 +37,23 @@ from tqdm import tqdm
 
 from ..config import BituneConfig
 from ..hub import PACKAGED_MODELS, packaged_model_path
+from ..layout import is_model_dir
 from ..model import BituneModel, get_bitune_model
-from ..saving import CONFIG_NAME, read_bitune_config
+from ..saving import read_bitune_config
 from .scoring import ContinuationRequest, score_continuations
+from .tasks import DEFAULT_BATCH_SIZE, TASKS_DIR
 
-TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
-PAPER_TASKS = ("bitune_piqa", "bitune_arc_challenge", "bitune_csqa", "bitune_siqa", "bitune_mmlu")
+# The parts of lm-eval's HFLM this plugin overrides or reads (checked by tests/test_compat.py, lm-eval 0.4.13).
+HFLM_INTERNALS = ("_loglikelihood_tokens", "_model_generate", "loglikelihood_rolling")
 
 
 def resolve_model_args(pretrained: str, bitune: str | None) -> tuple[str, str | None]:
-    """(loadable base model path or hub id, Bitune run directory or None).
+    """(loadable base model path or hub id, Bitune model directory or None).
 
     ``pretrained`` may be a packaged alias (its cached safetensors copy is used) or a Bitune run
     directory, checkpoint or snapshot (its base model is the one recorded in it when it was saved).
     """
-    if bitune is None and (Path(pretrained) / CONFIG_NAME).is_file():
+    if bitune is None and is_model_dir(pretrained):
         bitune, pretrained = pretrained, read_bitune_config(pretrained).get("base_model_name_or_path")
         if not pretrained:
             raise ValueError(
@@ -69,7 +71,6 @@ class BituneLM(HFLM):
     def __init__(self, pretrained: str, bitune: str | None = None, **kwargs) -> None:
         pretrained, bitune = resolve_model_args(str(pretrained), bitune)
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
-        self._generating = False  # read by `model`, which HFLM's __init__ already uses
         super().__init__(pretrained=pretrained, **kwargs)
         if bitune is not None:
             self.bitune_model = BituneModel.from_pretrained(self._model, bitune)
@@ -79,11 +80,23 @@ class BituneLM(HFLM):
 
     @contextmanager
     def _plain_causal(self) -> Iterator[None]:
+        """Inside the block, log-likelihoods are lm-eval's own (the causal adapter, no prompt passes)."""
         self._causal_only = True
         try:
             yield
         finally:
             self._causal_only = False
+
+    @contextmanager
+    def _decoding_with_bitune(self) -> Iterator[None]:
+        """Inside the block ``self.model`` is the Bitune model, whose ``generate`` prefills with the prompt
+        passes: lm-eval's own generation code then decodes through Bitune."""
+        hf_model = self._model
+        self._model = self.bitune_model
+        try:
+            yield
+        finally:
+            self._model = hf_model
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         with self._plain_causal():
@@ -100,7 +113,9 @@ class BituneLM(HFLM):
                     f"a continuation of {len(continuation)} tokens does not fit max_length {self.max_length}"
                 )
             scored.append(ContinuationRequest(tuple(context[-room:]), tuple(continuation)))
-        batch_size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 16)
+        batch_size = override_bs or (
+            self.batch_size if isinstance(self.batch_size, int) else DEFAULT_BATCH_SIZE
+        )
         progress = tqdm(
             total=len(scored), disable=disable_tqdm or self.rank != 0, desc="bitune loglikelihood"
         )
@@ -112,61 +127,21 @@ class BituneLM(HFLM):
             self.cache_hook.add_partial("loglikelihood", request[0], output)
         return results
 
-    @property
-    def model(self):
-        # lm-eval's own generation code calls `self.model.generate(...)`: during generation that is the
-        # Bitune model (prefill with the prompt passes, then HF generate); everywhere else the HF model.
-        return self.bitune_model if self._generating else super().model
-
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
-        self._generating = True
-        try:
+        with self._decoding_with_bitune():
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
-        finally:
-            self._generating = False
-
-
-def evaluate(
-    model_args: str,
-    tasks: list[str] | tuple[str, ...],
-    limit: int | float | None = None,
-    batch_size: int = 16,
-    **kwargs,
-) -> dict:
-    """Run lm-eval's ``simple_evaluate`` with the ``bitune`` model and bitune's tasks available.
-
-    Args:
-        model_args: lm-eval model args, e.g. ``"pretrained=runs/x"`` or ``"pretrained=smollm2-135m-instruct"``.
-        tasks: task or group names (``bitune_*`` tasks, or any lm-eval task).
-        limit: questions per task (lm-eval's ``limit``).
-        batch_size: prompts per forward.
-
-    Returns:
-        lm-eval's results dict.
-    """
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    return lm_eval.simple_evaluate(
-        model="bitune",
-        model_args=model_args,
-        tasks=list(tasks),
-        limit=limit,
-        batch_size=batch_size,
-        # lm-eval's own task index takes ~10 s to build; skip it when only bitune's tasks are asked for
-        task_manager=TaskManager(
-            include_path=str(TASKS_DIR), include_defaults=not all(t.startswith("bitune_") for t in tasks)
-        ),
-        **kwargs,
-    )
 
 
 def lm_eval_main(argv: list[str] | None = None) -> None:
     """``bitune-lm-eval``: lm-eval's command line with the ``bitune`` model type and bitune's tasks."""
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--include_path" not in argv:
         argv += ["--include_path", str(TASKS_DIR)]
-    from lm_eval.__main__ import cli_evaluate
-
-    sys.argv = ["lm_eval", *argv]
-    cli_evaluate()
+    setup_logging()
+    cli = HarnessCLI()
+    if argv and argv[0].startswith("-"):
+        argv.insert(0, "run")  # lm-eval's own shorthand: options without a subcommand mean `run`
+    cli.execute(cli._parser.parse_args(argv))  # HarnessCLI.parse_args would read the global sys.argv

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..batching import left_pad
+from ..batching import AnswerPass, left_pad
+from ..model import BituneModel
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class ContinuationRequest:
 
 @torch.no_grad()
 def score_continuations(
-    model,
+    model: BituneModel,
     requests: Sequence[ContinuationRequest],
     batch_size: int = 16,
     progress: Callable[[int], object] | None = None,
@@ -56,7 +57,7 @@ def score_continuations(
     return results
 
 
-def _score_group(model, prompts: list[tuple[int, ...]], requests: list[ContinuationRequest]):
+def _score_group(model: BituneModel, prompts: list[tuple[int, ...]], requests: list[ContinuationRequest]):
     device = model.device
     width = max(len(p) for p in prompts)
     ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
@@ -77,7 +78,7 @@ def _score_group(model, prompts: list[tuple[int, ...]], requests: list[Continuat
         answer_mask[row, : lengths[row]] = 1
     prompt_lengths = mask.sum(dim=1)[owner]
     positions = prompt_lengths[:, None] - 1 + torch.arange(answer.shape[1], device=device)[None, :]
-    logits = model.answer_logits(answer, answer_mask, positions, cache, mask[:, :-1][owner])
+    logits = model.answer_logits(AnswerPass(answer, answer_mask, positions, mask[:, :-1][owner]), cache)
 
     scores = []
     for row, r in enumerate(requests):

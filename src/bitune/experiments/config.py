@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from ..evaluation.report import lm_eval_task
-from ..run_config import RunConfig, config_node
+from ..evaluation.tasks import DEFAULT_BATCH_SIZE, lm_eval_task
+from ..run_config import RunConfig, config_node, to_object
 
 PRETRAINED = None  # a method without overrides: not trained
 ALL = "all"  # the task key of a grid without a task dimension
@@ -57,7 +56,7 @@ class EvaluationSection:
     limit: Optional[int] = field(
         default=None, metadata={"help": "Score only the first N questions per task."}
     )
-    batch_size: int = field(default=16, metadata={"help": "Prompts per forward."})
+    batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata={"help": "Prompts per forward."})
     curve_steps: List[int] = field(
         default_factory=list,
         metadata={
@@ -168,10 +167,7 @@ class CompareConfig:
             steps = sorted(set(node.training.snapshot_steps) | set(self.evaluation.curve_steps))
             max_steps = node.training.max_steps
             node.training.snapshot_steps = [s for s in steps if max_steps < 0 or s < max_steps]
-        try:
-            return OmegaConf.to_object(node)
-        except OmegaConfBaseException as exc:
-            raise ValueError(f"method {method!r}: {exc}") from None
+        return to_object(node, f"method {method!r}")
 
     def fingerprint(self, method: str, seed: int, task: str = ALL) -> str:
         """What a run's scores depend on: its run config without bookkeeping fields, and the evaluation
@@ -211,8 +207,4 @@ def run_key(task: str, method: str, seed: int) -> str:
 
 def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:
     """Read and validate a compare config (and every run config it implies)."""
-    node = config_node(path, overrides, schema=CompareConfig)
-    try:
-        return OmegaConf.to_object(node)
-    except OmegaConfBaseException as exc:
-        raise ValueError(f"invalid config {path}: {exc}") from None
+    return to_object(config_node(path, overrides, schema=CompareConfig), f"config {path}")

@@ -46,7 +46,9 @@ def source_commit() -> str | None:
 def current_command() -> str:
     """The command line of this process, with the program's name only (no machine paths)."""
     program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
-    if program in ("__main__.py", "-c", ""):
+    if program == "__main__.py":  # python -m <package>
+        program = f"python -m {Path(sys.argv[0]).parent.name}"
+    elif program in ("-c", ""):
         program = "python"
     return " ".join([program, *sys.argv[1:]])
 
@@ -79,8 +81,16 @@ class GridReport:
         return self.folder / LOGS / f"{key}.jsonl"
 
     def read_log(self, key: str) -> list[dict]:
+        """The run's training log records, one per step (a step logged twice, by a run resumed before
+        logs were deduplicated, keeps its last record)."""
         path = self.log_path(key)
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        if not path.is_file():
+            return []
+        by_step = {}
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            by_step[record.get("step")] = record
+        return list(by_step.values())
 
     def write(self, summary: dict[str, Any]) -> Path:
         """Write ``summary`` plus the run records to ``results.json`` (atomically)."""

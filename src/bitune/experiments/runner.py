@@ -15,15 +15,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..evaluation import report as evaluation
-from ..saving import CONFIG_NAME
-from ..training import RUN_CONFIG_NAME, snapshot_dir, train, trained_steps
+from ..evaluation import runner as evaluation
+from ..layout import LOG_JSONL, RECORD, RUN_CONFIG, is_model_dir, snapshot_dir, trained_steps
+from ..training import train
 from .config import ALL, CompareConfig, run_key
 from .figures import plot_grid
 from .record import GridReport, current_command, source_commit
 from .tables import curve_tables, results_of, results_table, write_csvs
-
-RECORD_NAME = "record.json"
 
 
 def run_grid(config: CompareConfig) -> dict:
@@ -42,7 +40,7 @@ def run_grid(config: CompareConfig) -> dict:
         key = run_key(task, method, seed)
         try:
             record = run_one(config, report, task, method, seed)
-            report.record(key, record, log=config.run_dir(method, seed, task) / "log.jsonl")
+            report.record(key, record, log=config.run_dir(method, seed, task) / LOG_JSONL)
         except Exception:  # one failed run must not stop the grid
             failures.append({"method": method, "seed": seed, "task": task, "error": traceback.format_exc()})
             print(f"!! {method} seed {seed} {task} failed:\n{failures[-1]['error']}")
@@ -67,14 +65,14 @@ def run_one(config: CompareConfig, report: GridReport, task: str, method: str, s
     run_config = config.run_config(method, seed, task)
     target = run_config.model.name
     if config.is_trained(method):
-        if not (run_dir / CONFIG_NAME).exists():
+        if not is_model_dir(run_dir):
             print(
                 f"== training {method} seed {seed}"
                 + (f" on {task}" if task != ALL else "")
                 + f" -> {run_dir}"
             )
             began = time.perf_counter()
-            train(run_config, resume=(run_dir / RUN_CONFIG_NAME).exists())
+            train(run_config, resume=(run_dir / RUN_CONFIG).exists())
             seconds["train"] = seconds.get("train", 0.0) + time.perf_counter() - began
         record["steps"] = trained_steps(run_dir)
         target = str(run_dir)
@@ -104,7 +102,7 @@ def run_one(config: CompareConfig, report: GridReport, task: str, method: str, s
                 )
             continue
         snapshot = snapshot_dir(run_dir, step)
-        if not (snapshot / CONFIG_NAME).exists():
+        if not is_model_dir(snapshot):
             raise FileNotFoundError(
                 f"{run_dir} has no snapshot after {step} updates (it was trained without it); remove the run "
                 "directory to train it again with the curve's snapshots"
@@ -118,7 +116,7 @@ def run_one(config: CompareConfig, report: GridReport, task: str, method: str, s
 def _merged_record(recorded: dict, run_dir: Path, fingerprint: str) -> dict:
     """The report's record of a run joined with what its run directory holds (same fingerprint only)."""
     record = {"fingerprint": fingerprint, "scores": {}, "curve": {}}
-    path = run_dir / RECORD_NAME
+    path = run_dir / RECORD
     local = json.loads(path.read_text()) if path.is_file() else {}
     for source in (local, recorded):
         if source.get("fingerprint") != fingerprint:
@@ -147,7 +145,7 @@ def _finished(record: dict, tasks: list[str], curve_steps: list[int]) -> bool:
 
 def _save_record(run_dir: Path, record: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    (run_dir / RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def write_report(config: CompareConfig, report: GridReport, failures: list[dict], seconds: float) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import statistics
 
-from ..evaluation.report import results_table
+from ..evaluation.tables import results_table
 from .config import CompareConfig, run_key
 from .record import GridReport
 

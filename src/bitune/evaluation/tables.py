@@ -1,0 +1,37 @@
+"""Scores laid out like the paper's tables: accuracy % per task and the average, mean ± std over seeds."""
+
+from __future__ import annotations
+
+import statistics
+
+
+def results_table(results: dict[str, dict[int, dict]], tasks: list[str], metric: str = "acc") -> str:
+    """Markdown: one row per method, one column per task plus the average.
+
+    Args:
+        results: row name -> seed -> task -> scores (with ``metric``).
+    """
+
+    def cell(values: list[float]) -> str:
+        if not values:
+            return "-"
+        mean = 100 * statistics.fmean(values)
+        return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+    lines = [
+        "| method | seeds | " + " | ".join(tasks) + " | avg |",
+        "|---|---|" + "---|" * (len(tasks) + 1),
+    ]
+    for method, by_seed in results.items():
+        per_task = [[s[t][metric] for s in by_seed.values() if t in s] for t in tasks]
+        averages = [
+            statistics.fmean(s[t][metric] for t in tasks)
+            for s in by_seed.values()
+            if all(t in s for t in tasks)
+        ]
+        lines.append(
+            f"| {method} | {len(by_seed)} | "
+            + " | ".join(cell(v) for v in per_task)
+            + f" | {cell(averages)} |"
+        )
+    return "\n".join(lines)
