@@ -83,6 +83,17 @@ def test_evidence_configs_follow_the_papers_recipe_and_say_how_to_run(path):
                 assert training.num_epochs == (5 if task == "arc_challenge" else 1)  # paper Table 8
 
 
+def test_the_chat_config_validates_and_its_data_ships_in_the_repository():
+    config = load_run_config(CONFIGS / "chat.yaml")
+    assert (CONFIGS / "chat.yaml").read_text().startswith("# bitune train configs/chat.yaml ")
+    assert (config.data.template, config.data.turns) == ("chat", "all")
+    from bitune.data import Conversation, load_examples
+
+    examples, report = load_examples(CONFIGS.parent / config.data.train)
+    assert len(examples) == 40 and not report.skipped
+    assert all(isinstance(e, Conversation) and len(e.assistant_turns) == 2 for e in examples)
+
+
 def test_quickstart_validates_and_says_how_to_run():
     config = load_compare_config(CONFIGS / "quickstart.yaml")
     assert set(config.methods) == {"pretrained", "lora", "bitune"}

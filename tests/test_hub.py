@@ -10,7 +10,14 @@ from transformers import AutoModelForCausalLM
 
 from bitune import hub
 from bitune.data import TASKS, load_task, render
-from bitune.hub import PACKAGED_MODELS, PackagedModel, PackageMissingError, load_model, packaged_model_path
+from bitune.hub import (
+    PACKAGED_MODELS,
+    ModelLoadError,
+    PackagedModel,
+    PackageMissingError,
+    load_model,
+    packaged_model_path,
+)
 
 from conftest import char_tokenizer, tiny_model
 
@@ -53,7 +60,7 @@ def test_unknown_reference_says_what_was_tried(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(OSError, match="not a packaged alias"):
+    with pytest.raises(ModelLoadError, match="not a packaged alias"):
         load_model("no-such-org/no-such-model")
 
 

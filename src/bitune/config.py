@@ -266,6 +266,16 @@ def _validated_peft_config(value: PeftConfig | dict[str, Any] | None) -> PeftCon
             f"BituneConfig.peft_config: {value.peft_type} is a prompt-learning method; Bitune needs a PEFT "
             "method that wraps linear layers (LoRA, DoRA, IA3, ...)"
         )
+    rank = getattr(value, "r", None)
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"BituneConfig.peft_config.r must be an integer >= 1, got {rank!r}")
+    for attr in ("lora_alpha", "lora_dropout"):
+        number = getattr(value, attr, None)
+        if number is not None and (not isinstance(number, (int, float)) or not math.isfinite(number)):
+            raise ValueError(f"BituneConfig.peft_config.{attr} must be a finite number, got {number!r}")
+    dropout = getattr(value, "lora_dropout", None)
+    if dropout is not None and not 0 <= dropout < 1:
+        raise ValueError(f"BituneConfig.peft_config.lora_dropout must be in [0, 1), got {dropout!r}")
     for attr in ("modules_to_save", "trainable_token_indices"):
         if getattr(value, attr, None):
             raise ValueError(

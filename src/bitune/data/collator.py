@@ -1,9 +1,11 @@
 """From examples to what ``BituneModel.forward`` takes: tokenized rows and a padding collator.
 
-A row is the tokenized prompt followed by the tokenized answer and the EOS token. Prompt and answer are
-tokenized separately, so the prompt boundary is exact whatever the tokenizer merges; the prompt gets the
-tokenizer's own special tokens (BOS for Gemma and Llama 3, none for SmolLM2 or Qwen), the answer none.
-Rows longer than ``max_length`` tokens (512, as in the paper) are dropped and counted.
+A row is the tokenized prompt followed by the tokenized answer. Prompt and answer are tokenized separately,
+so the prompt boundary is exact whatever the tokenizer merges. How the texts are written is the run's
+`PromptFormat` (chat.py): with the paper's template or raw text the prompt gets the tokenizer's own special
+tokens (BOS for Gemma and Llama 3, none for SmolLM2 or Qwen) and the answer the EOS token; a chat template
+writes its own special tokens and end-of-turn, and nothing is added. Rows longer than ``max_length``
+tokens (512, as in the paper) are dropped and counted.
 """
 
 from __future__ import annotations
@@ -15,16 +17,18 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..batching import IGNORE_INDEX
+from .chat import Conversation, PromptFormat
 from .report import DataReport
 from .templates import ChoiceTemplate, Instruction, MultipleChoice, render_instruction
 
 MAX_LENGTH = 512
+PAPER = PromptFormat("paper")
 
 
 def render(
     example: MultipleChoice | Instruction, template: ChoiceTemplate | None, eos_token: str
 ) -> tuple[str, str]:
-    """(prompt, answer) text of an example under its task's template (the instruction one if None)."""
+    """(prompt, answer) text of an example under the paper's templates (its task's, or the instruction one)."""
     if isinstance(example, MultipleChoice):
         if template is None:
             raise ValueError("a multiple-choice example needs its task's template")
@@ -32,15 +36,46 @@ def render(
     return render_instruction(example.instruction, example.completion, eos_token)
 
 
-def tokenize_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> dict[str, list[int]]:
+def training_texts(
+    example: MultipleChoice | Instruction | Conversation,
+    prompt_format: PromptFormat,
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChoiceTemplate | None = None,
+) -> list[tuple[str, str]]:
+    """The (prompt, answer) texts an example trains under ``prompt_format`` (several for ``turns: all``).
+
+    Raises:
+        ValueError: why the example is skipped.
+    """
+    if isinstance(example, Conversation):
+        return prompt_format.training_pairs(tokenizer, example)
+    if isinstance(example, MultipleChoice) or prompt_format.template == "paper":
+        return [render(example, template, eos_token="")]
+    if prompt_format.template == "raw":
+        return [(example.instruction, example.completion)]
+    messages = (
+        {"role": "user", "content": example.instruction},
+        {"role": "assistant", "content": example.completion},
+    )
+    return prompt_format.training_pairs(tokenizer, Conversation(messages))
+
+
+def tokenize_pair(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str, prompt_format: PromptFormat = PAPER
+) -> dict[str, list[int]]:
     """One training row: ``input_ids``, ``labels`` (-100 on the prompt) and ``prompt_length``.
 
-    ``answer`` is the answer text without EOS; the tokenizer's EOS id is appended.
+    With the paper's or the raw format the prompt gets the tokenizer's special tokens and the EOS id
+    follows the answer (not doubled if the answer text already ends with it); a chat-template answer is
+    taken as rendered.
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token before building rows")
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids = tokenizer(prompt, add_special_tokens=prompt_format.adds_special_tokens)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    doubled = prompt_format.template == "raw" and answer.endswith(tokenizer.eos_token)  # TRL's rule
+    if prompt_format.appends_eos and not doubled:
+        answer_ids = [*answer_ids, tokenizer.eos_token_id]
     return {
         "input_ids": prompt_ids + answer_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
@@ -49,23 +84,30 @@ def tokenize_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) 
 
 
 def build_rows(
-    examples: Iterable[MultipleChoice | Instruction],
+    examples: Iterable[MultipleChoice | Instruction | Conversation],
     tokenizer: PreTrainedTokenizerBase,
     template: ChoiceTemplate | None = None,
     max_length: int | None = MAX_LENGTH,
     report: DataReport | None = None,
+    prompt_format: PromptFormat = PAPER,
 ) -> tuple[list[dict[str, list[int]]], DataReport]:
-    """Tokenize examples into training rows, dropping (and counting) those over ``max_length`` tokens."""
+    """Tokenize examples into training rows under ``prompt_format``, dropping (and counting) examples it
+    cannot render and rows over ``max_length`` tokens."""
     report = report or DataReport("examples")
     stage = DataReport(report.source)
     rows = []
     for index, example in enumerate(examples):
-        prompt, answer = render(example, template, eos_token="")
-        row = tokenize_pair(tokenizer, prompt, answer)
-        if max_length is not None and len(row["input_ids"]) > max_length:
-            stage.skip(f"longer than {max_length} tokens", index)
+        try:
+            texts = training_texts(example, prompt_format, tokenizer, template)
+        except ValueError as exc:
+            stage.skip(str(exc), index)
             continue
-        rows.append(row)
+        for prompt, answer in texts:
+            row = tokenize_pair(tokenizer, prompt, answer, prompt_format)
+            if max_length is not None and len(row["input_ids"]) > max_length:
+                stage.skip(f"longer than {max_length} tokens", index)
+                continue
+            rows.append(row)
     stage.kept = len(rows)
     return rows, report.merge(stage)
 

@@ -33,6 +33,13 @@ class DataReport:
             self.examples.setdefault(reason, index)
         return self
 
+    def skipped_counts(self) -> str:
+        """The skip reasons with their counts, on one line."""
+        return (
+            "; ".join(f"{count} skipped: {reason}" for reason, count in self.skipped.most_common())
+            or "none skipped"
+        )
+
     def summary(self) -> str:
         lines = [f"{self.source}: kept {self.kept} of {self.total} rows"]
         for reason, count in self.skipped.most_common():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -28,6 +29,7 @@ from ..evaluation.tasks import DEFAULT_BATCH_SIZE, lm_eval_task
 from ..run_config import RunConfig, config_node, to_object
 
 PRETRAINED = None  # a method without overrides: not trained
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ALL = "all"  # the task key of a grid without a task dimension
 
 # Training fields that do not change what a run learns: left out of its fingerprint, so that e.g. more
@@ -118,6 +120,14 @@ class CompareConfig:
     def __post_init__(self) -> None:
         if not self.methods:
             raise ValueError("methods must name at least one method")
+        for name in self.methods:
+            if not _NAME.fullmatch(name) or name in (".", ".."):
+                raise ValueError(
+                    f"method name {name!r} is not a plain folder name (letters, digits, '.', '_', '-'; it names "
+                    "the run directory <output_dir>/<method>)"
+                )
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
         for task in self.tasks or ():

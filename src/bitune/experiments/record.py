@@ -89,7 +89,7 @@ class GridReport:
         by_step = {}
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            by_step[record.get("step")] = record
+            by_step[record.get("step"), "eval_loss" in record] = record
         return list(by_step.values())
 
     def write(self, summary: dict[str, Any]) -> Path:

@@ -26,7 +26,12 @@ def results_of(config: CompareConfig, report: GridReport) -> dict[str, dict[int,
 def curve_points(config: CompareConfig, report: GridReport, task: str, eval_task: str) -> dict[str, dict]:
     """method -> step -> [score of each seed] on ``eval_task`` for the grid task ``task``. The pretrained
     model (not trained) has its one score at every step of the curve."""
-    steps = sorted(set(config.evaluation.curve_steps))
+    final_steps = {
+        run.get("steps")
+        for _, method, seed in config.runs()
+        if config.is_trained(method) and (run := report.runs.get(run_key(task, method, seed)))
+    }
+    steps = sorted(set(config.evaluation.curve_steps) | (final_steps - {None}))
     points: dict[str, dict[int, list[float]]] = {}
     for method in config.methods:
         for seed in config.seeds_of(method):
