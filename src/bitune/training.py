@@ -14,7 +14,8 @@ What the Trainer does not know about Bitune is added here and nothing else:
   locked while a process trains into it; a resume must mean the same run (guard.py).
 
 The run directory ends up holding the trained model (``bitune_config.json``, adapters, ``mixing.safetensors``),
-the tokenizer, the resolved ``run_config.yaml``, the logs and the checkpoints.
+its prompt format, a model card (``README.md``), the tokenizer, the resolved ``run_config.yaml``, the logs
+and the checkpoints (layout.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_
 
 from . import compat
 from .callbacks import FiniteCheck, MixingLogCallback, SnapshotCallback
+from .card import write_model_card
 from .data import TASKS, BituneCollator, PromptFormat, load_rows
 from .guard import RunLock, record_resume, resume_changes, trim_logs
 from .hub import load_model
@@ -200,6 +202,8 @@ def train(config: RunConfig, resume: bool = False, allow_changes: tuple[str, ...
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             trainer.save_model(str(output_dir))
             trainer.save_state()  # trainer_state.json: the steps trained and the log history
+            if main_process:
+                write_model_card(output_dir)
     finally:
         if created and not started and main_process and output_dir.exists():
             shutil.rmtree(output_dir, ignore_errors=True)  # nothing of a run that never started stays

@@ -36,7 +36,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from ..config import BituneConfig
-from ..hub import PACKAGED_MODELS, packaged_model_path
+from ..hub import PACKAGED_MODELS, packaged_model_path, resolve_run
 from ..layout import is_model_dir
 from ..model import BituneModel, get_bitune_model
 from ..saving import read_bitune_config
@@ -53,6 +53,7 @@ def resolve_model_args(pretrained: str, bitune: str | None) -> tuple[str, str | 
     ``pretrained`` may be a packaged alias (its cached safetensors copy is used) or a Bitune run
     directory, checkpoint or snapshot (its base model is the one recorded in it when it was saved).
     """
+    pretrained = resolve_run(pretrained)
     if bitune is None and is_model_dir(pretrained):
         bitune, pretrained = pretrained, read_bitune_config(pretrained).get("base_model_name_or_path")
         if not pretrained:
@@ -61,7 +62,7 @@ def resolve_model_args(pretrained: str, bitune: str | None) -> tuple[str, str | 
             )
     if pretrained in PACKAGED_MODELS:
         pretrained = str(packaged_model_path(pretrained))
-    return pretrained, bitune
+    return pretrained, resolve_run(bitune) if bitune is not None else None
 
 
 @register_model("bitune")

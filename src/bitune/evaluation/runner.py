@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..card import write_model_card
 from ..layout import EVAL_DIR, is_model_dir
 from .tables import results_table
 from .tasks import DEFAULT_BATCH_SIZE, PAPER_TASKS, TASKS_DIR, lm_eval_task, summarize
@@ -91,10 +92,13 @@ def default_report_dir(target: str) -> Path:
 
 
 def write_report(summary: dict[str, dict], name: str, output_dir: str | Path) -> str:
-    """Write ``results.json`` and ``results.md`` into ``output_dir``; return the markdown table."""
+    """Write ``results.json`` and ``results.md`` into ``output_dir``; return the markdown table. A run's
+    own report (``RUN/eval``) also goes into the run's model card."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps({"model": name, "scores": summary}, indent=2) + "\n")
     table = results_table({name: {0: summary}}, list(summary))
     (output_dir / "results.md").write_text(table + "\n")
+    if output_dir.name == EVAL_DIR and is_model_dir(output_dir.parent):
+        write_model_card(output_dir.parent)
     return table

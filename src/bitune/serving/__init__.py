@@ -1,0 +1,54 @@
+"""Serving a Bitune model over HTTP with an OpenAI-compatible API (``pip install bitune[serve]``).
+
+    bitune serve runs/chat --port 8000                   # or a packaged alias / base model: plain causal
+
+engine.py batches and decodes; app.py is the HTTP API. `serve` runs it with uvicorn until SIGTERM or
+Ctrl-C, letting requests in flight finish first.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..hub import require_package
+
+API_KEY_ENV = "BITUNE_API_KEY"
+
+
+def serve(
+    target: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch_size: int = 8,
+    max_wait_ms: float = 20.0,
+    model_name: str | None = None,
+) -> None:
+    """Load ``target`` (a run directory, checkpoint, snapshot, hub run id or base model) and serve it.
+
+    Args:
+        api_key: required as a bearer token on every endpoint but /health (default: ``$BITUNE_API_KEY``).
+        model_name: the id clients pass as ``model`` (default: ``target``).
+    """
+    require_package("fastapi", "pip install 'bitune[serve]'", "bitune serve")
+    require_package("uvicorn", "pip install 'bitune[serve]'", "bitune serve")
+    import uvicorn
+    from sse_starlette.sse import AppStatus
+
+    from ..inference import load_for_inference
+    from .app import create_app
+
+    if max_batch_size < 1 or max_wait_ms < 0:
+        raise ValueError(
+            f"max_batch_size must be >= 1 and max_wait_ms >= 0, got {max_batch_size}, {max_wait_ms}"
+        )
+    loaded = load_for_inference(target)
+    app = create_app(
+        loaded,
+        model_name or target,
+        api_key=api_key or os.environ.get(API_KEY_ENV) or None,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+    )
+    AppStatus.disable_automatic_graceful_drain()  # streams end with their answers: let them finish on SIGTERM
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None)

@@ -1,0 +1,325 @@
+"""`bitune serve` on loopback with the official `openai` client: completions, chat, streaming, batching that
+changes nothing, every bad input, authentication, disconnects and SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from bitune import BituneConfig, get_bitune_model  # noqa: E402
+from bitune.data import PromptFormat  # noqa: E402
+from bitune.hub import load_model  # noqa: E402
+from bitune.inference import generate_text, load_for_inference, prompt_ids  # noqa: E402
+from bitune.serving.app import create_app  # noqa: E402
+
+from conftest import char_tokenizer, randomize_adapters, tiny_model  # noqa: E402
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}|{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+PROMPTS = ["abc", "hello there", "xyz xyz", "a", "the quick brown fox", "mnop", "qq", "rst uvw"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny Bitune run (random adapters, thetas moved off their init) with a chat template."""
+    root = tmp_path_factory.mktemp("serve")
+    tiny_model("llama").save_pretrained(root / "base")
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(root / "base")
+    base, tokenizer = load_model(str(root / "base"))
+    model = get_bitune_model(base, BituneConfig())
+    randomize_adapters(model, std=0.2)
+    with torch.no_grad():
+        model.mixing.theta_k.copy_(torch.tensor([0.02, 0.005, 0.03]))
+    model.save_pretrained(root / "run")
+    PromptFormat.for_tokenizer("chat", tokenizer).save(root / "run")
+    return root / "run"
+
+
+class Server:
+    """The app under uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, app) -> None:
+        self.port = free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def served(run_dir):
+    loaded = load_for_inference(str(run_dir))
+    app = create_app(loaded, "tiny", max_batch_size=8, max_wait_ms=300)
+    server = Server(app)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    yield client, app.state.engine, loaded, server.url
+    server.close()
+
+
+def chat(client, content: str, max_tokens: int = 8, **kwargs):
+    return client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": content}],
+        temperature=0,
+        max_tokens=max_tokens,
+        **kwargs,
+    )
+
+
+def test_models_health_and_a_greedy_chat_answer_equal_to_generate(served):
+    client, _, loaded, url = served
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    response = chat(client, "abc")
+    expected = generate_text(loaded, [{"role": "user", "content": "abc"}], max_new_tokens=8)
+    assert response.choices[0].message.content == expected and response.choices[0].message.role == "assistant"
+    ids = prompt_ids(loaded, [{"role": "user", "content": "abc"}])
+    assert response.usage.prompt_tokens == len(ids)
+    assert response.usage.completion_tokens + response.usage.prompt_tokens == response.usage.total_tokens
+
+
+def test_completions_continue_the_prompt_verbatim_like_bitune_generate(served):
+    client, _, loaded, _ = served
+    response = client.completions.create(model="tiny", prompt="abc def", temperature=0, max_tokens=6)
+    ids = loaded.tokenizer("abc def")["input_ids"]
+    output = loaded.model.generate(
+        torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=loaded.stop_token_ids
+    )
+    assert response.choices[0].text == loaded.tokenizer.decode(
+        output[0, len(ids) :], skip_special_tokens=True
+    )
+    assert response.choices[0].finish_reason in ("length", "stop")
+
+
+def test_streaming_sends_the_same_text_in_chunks(served):
+    client, _, _, _ = served
+    whole = chat(client, "hello there").choices[0].message.content
+    pieces, reasons = [], []
+    for chunk in chat(client, "hello there", stream=True):
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            reasons.append(choice.finish_reason)
+    assert "".join(pieces) == whole and reasons[-1] in ("length", "stop") and len(pieces) > 2
+    text = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny", prompt="abc", temperature=0, max_tokens=5, stream=True
+        )
+    )
+    assert (
+        text
+        == client.completions.create(model="tiny", prompt="abc", temperature=0, max_tokens=5).choices[0].text
+    )
+
+
+def test_requests_batched_together_answer_exactly_as_served_alone(served):
+    client, engine, loaded, _ = served
+    alone = {p: chat(client, p).choices[0].message.content for p in PROMPTS}
+    before = len(engine.batch_sizes)
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = dict(
+            zip(PROMPTS, pool.map(lambda p: chat(client, p).choices[0].message.content, PROMPTS), strict=True)
+        )
+    assert max(engine.batch_sizes[before:]) > 1  # they did share batches
+    assert together == alone
+    for prompt in PROMPTS[:3]:  # and both equal BituneModel.generate
+        assert alone[prompt] == generate_text(loaded, [{"role": "user", "content": prompt}], max_new_tokens=8)
+
+
+def test_stop_strings_max_tokens_n_and_seeds(served):
+    client, _, _, _ = served
+    text = chat(client, "abc", max_tokens=12).choices[0].message.content
+    assert len(text) >= 3
+    stop = text[2:4]
+    stopped = chat(client, "abc", max_tokens=12, stop=[stop]).choices[0]
+    assert stopped.message.content == text[: text.find(stop)] and stopped.finish_reason == "stop"
+    assert chat(client, "abc", max_tokens=1).choices[0].finish_reason in ("length", "stop")
+    sampled = [
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "abc"}],
+            temperature=1.0,
+            top_p=0.9,
+            max_tokens=6,
+            n=2,
+            seed=7,
+        )
+        for _ in range(2)
+    ]
+    assert len(sampled[0].choices) == 2 and [c.index for c in sampled[0].choices] == [0, 1]
+    assert [c.message.content for c in sampled[0].choices] == [c.message.content for c in sampled[1].choices]
+
+
+BAD_REQUESTS = [
+    ("chat/completions", b"{not json", 400, "not valid JSON"),
+    ("chat/completions", {"model": "tiny"}, 400, "messages"),
+    ("chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+    ("chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": 5}]}, 400, "content"),
+    ("chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+    (
+        "chat/completions",
+        {"model": "tiny", "messages": [{"role": "system", "content": "x"}]},
+        400,
+        "no non-empty user message",
+    ),
+    (
+        "chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+        400,
+        "max_tokens must be >= 1",
+    ),
+    (
+        "chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000},
+        400,
+        "exceed the model's context of 128",
+    ),
+    (
+        "chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x" * 200}]},
+        400,
+        "the model's context is 128",
+    ),
+    (
+        "chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+        400,
+        "temperature",
+    ),
+    ("chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
+    (
+        "chat/completions",
+        {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]},
+        404,
+        "model 'gpt-4' is not served here",
+    ),
+    ("completions", {"model": "tiny", "prompt": ""}, 400, "prompt is empty"),
+    ("completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "one prompt per request"),
+    (
+        "completions",
+        {"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]},
+        400,
+        "stop takes up to 4",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"), BAD_REQUESTS, ids=[f"{b[0]}:{b[3]}" for b in BAD_REQUESTS]
+)
+def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(served, path, body, status, message):
+    client, _, _, url = served
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{url}/v1/{path}", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert message in error["message"] and error["type"] in ("invalid_request_error", "not_found_error")
+    assert chat(client, "abc", max_tokens=2).choices  # still serving
+
+
+def test_an_api_key_guards_every_endpoint_but_health(run_dir):
+    server = Server(create_app(load_for_inference(str(run_dir)), "tiny", api_key="sesame"))
+    try:
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        for key in (None, "wrong"):
+            headers = {"authorization": f"Bearer {key}"} if key else {}
+            response = httpx.get(f"{server.url}/v1/models", headers=headers)
+            assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        good = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sesame", max_retries=0)
+        assert good.models.list().data[0].id == "tiny"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        server.close()
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
+    client, engine, _, url = served
+    before = engine.finished["cancelled"]
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "abc"}],
+        "temperature": 0,
+        "max_tokens": 100,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:") and '"content":' in line and '"content":""' not in line:
+                break  # the first text arrived: leave
+    deadline = time.time() + 30
+    while engine.finished["cancelled"] == before and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.finished["cancelled"] == before + 1  # the row left the batch without decoding to 100 tokens
+    assert chat(client, "abc", max_tokens=2).choices
+
+
+def test_sigterm_lets_requests_in_flight_finish(run_dir):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bitune", "serve", str(run_dir), "--port", str(port), "--model-name", "tiny"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(chat, client, "abc", max_tokens=60)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            response = pending.result(timeout=120)
+        assert response.choices[0].finish_reason in ("length", "stop")  # answered in full after the SIGTERM
+        assert proc.wait(timeout=60) in (
+            0,
+            -signal.SIGTERM,
+        )  # uvicorn re-raises the signal once it has drained
+        log = proc.stdout.read()
+        assert "Shutting down" in log and "Finished server process" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
