@@ -164,3 +164,34 @@ def tiny_run_files(directory, rows: int = 48, arch: str = "llama"):
     data_file = directory / "train.jsonl"
     data_file.write_text("\n".join(lines) + "\n")
     return model_dir, data_file
+
+
+def write_run_config(directory, name: str = "run", **training):
+    """A run config (JSON is YAML) training a tiny model on `tiny_run_files` into ``directory/name``;
+    ``training`` overrides the defaults below. Returns the config's path."""
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    model_dir, data_file = tiny_run_files(directory)
+    settings = {
+        "output_dir": str(directory / name),
+        "learning_rate": 0.01,
+        "max_steps": 8,
+        "batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "save_steps": 4,
+        "logging_steps": 2,
+        "save_total_limit": None,
+        "report_to": ["none"],
+        "seed": 3,
+        **training,
+    }
+    config = {
+        "model": {"name": str(model_dir)},
+        "data": {"train": str(data_file), "max_length": 64},
+        "training": settings,
+    }
+    path = directory / f"{name}.yaml"
+    path.write_text(json.dumps(config))
+    return path

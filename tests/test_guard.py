@@ -20,33 +20,14 @@ from bitune.layout import checkpoints, is_model_dir
 from bitune.run_config import load_run_config
 from bitune.training import train
 
-from conftest import tiny_run_files
+from conftest import write_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def write_config(directory: Path, name: str = "run", **training) -> Path:
-    model_dir, data_file = tiny_run_files(directory)
-    settings = {
-        "output_dir": str(directory / name),
-        "learning_rate": 0.01,
-        "max_steps": 4,
-        "batch_size": 2,
-        "gradient_accumulation_steps": 1,
-        "save_steps": 2,
-        "logging_steps": 1,
-        "save_total_limit": None,
-        "report_to": ["none"],
-        **training,
-    }
-    config = {
-        "model": {"name": str(model_dir)},
-        "data": {"train": str(data_file), "max_length": 64},
-        "training": settings,
-    }
-    path = directory / f"{name}.yaml"
-    path.write_text(json.dumps(config))
-    return path
+    settings = dict(max_steps=4, gradient_accumulation_steps=1, save_steps=2, logging_steps=1, seed=42)
+    return write_run_config(directory, name, **{**settings, **training})
 
 
 def cli(*args: str) -> subprocess.Popen:

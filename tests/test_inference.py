@@ -146,3 +146,21 @@ def test_the_chat_example_trains_the_packaged_model_and_answers_from_the_run(tmp
     session.send("What is 3 plus 4?")
     session.send("Now multiply that by 2.")
     assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_bitune_eval_asks_a_chat_run_in_its_chat_template(chat_run, monkeypatch, tmp_path):
+    from bitune.evaluation import harness
+    from bitune.evaluation.runner import evaluate_target
+
+    run_dir, _ = chat_run
+    contexts = []
+    real = harness.BituneLM._loglikelihood_tokens
+
+    def spy(self, requests, **kwargs):
+        contexts.extend(self.tokenizer.decode(context) for _, context, _ in requests)
+        return real(self, requests, **kwargs)
+
+    monkeypatch.setattr(harness.BituneLM, "_loglikelihood_tokens", spy)
+    scores = evaluate_target(str(run_dir), ["arc_easy"], limit=2, batch_size=2)
+    assert scores["arc_easy"]["n"] == 2
+    assert contexts and all(c.startswith("<user>Question:") and c.endswith("|<assistant>") for c in contexts)

@@ -21,34 +21,13 @@ from bitune.layout import checkpoints, is_complete_checkpoint, latest_complete_c
 from bitune.run_config import load_run_config
 from bitune.training import train
 
-from conftest import tiny_run_files
+from conftest import write_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def write_config(directory: Path, output: str, **training) -> Path:
-    model_dir, data_file = tiny_run_files(directory)
-    settings = {
-        "output_dir": str(directory / output),
-        "learning_rate": 0.01,
-        "max_steps": 8,
-        "batch_size": 2,
-        "gradient_accumulation_steps": 2,
-        "save_steps": 4,
-        "logging_steps": 2,
-        "save_total_limit": None,
-        "report_to": ["none"],
-        "seed": 3,
-        **training,
-    }
-    config = {
-        "model": {"name": str(model_dir)},
-        "data": {"train": str(data_file), "max_length": 64},
-        "training": settings,
-    }
-    path = directory / f"{output}.yaml"
-    path.write_text(json.dumps(config))  # JSON is YAML
-    return path
+    return write_run_config(directory, output, **training)
 
 
 def trained_weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -35,6 +35,7 @@ import logging
 from transformers import PreTrainedModel, set_seed
 
 from .config import BituneConfig
+from .data.formats import SHAREGPT_ROLES
 from .hub import load_model, require_package
 from .model import BituneModel, get_bitune_model
 from .training import BituneTrainerMixin
@@ -45,13 +46,6 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402  (after the install hint abo
 
 logger = logging.getLogger(__name__)
 CONVERSATION_COLUMNS = ("messages", "conversations")
-_SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-}
 
 
 class BituneSFTTrainer(BituneTrainerMixin, SFTTrainer):
@@ -187,6 +181,6 @@ def _openai(message: dict) -> dict:
     if "role" in message:
         return {"role": message["role"], "content": message["content"]}
     return {
-        "role": _SHAREGPT_ROLES.get(message.get("from"), message.get("from")),
+        "role": SHAREGPT_ROLES.get(message.get("from"), message.get("from")),
         "content": message.get("value"),
     }

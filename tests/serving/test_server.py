@@ -26,6 +26,7 @@ from bitune.data import PromptFormat  # noqa: E402
 from bitune.hub import load_model  # noqa: E402
 from bitune.inference import generate_text, load_for_inference, prompt_ids  # noqa: E402
 from bitune.serving.app import create_app  # noqa: E402
+from bitune.serving.engine import BatchingEngine, GenerationRequest  # noqa: E402
 
 from conftest import char_tokenizer, randomize_adapters, tiny_model  # noqa: E402
 
@@ -147,18 +148,83 @@ def test_streaming_sends_the_same_text_in_chunks(served):
     )
 
 
+def test_a_stream_asked_for_usage_ends_with_it(served):
+    client, _, _, _ = served
+    whole = chat(client, "count with me", n=2)
+    chunks = list(chat(client, "count with me", n=2, stream=True, stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].choices == []
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    plain = list(chat(client, "count with me", stream=True))
+    assert all(c.usage is None for c in plain) and all(c.choices for c in plain)
+
+
 def test_requests_batched_together_answer_exactly_as_served_alone(served):
     client, engine, loaded, _ = served
     alone = {p: chat(client, p).choices[0].message.content for p in PROMPTS}
-    before = len(engine.batch_sizes)
+    before, joined = len(engine.batch_sizes), engine.joined
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         together = dict(
             zip(PROMPTS, pool.map(lambda p: chat(client, p).choices[0].message.content, PROMPTS), strict=True)
         )
-    assert max(engine.batch_sizes[before:]) > 1  # they did share batches
+    assert max(engine.batch_sizes[before:]) > 1 or engine.joined > joined  # they did share batches
     assert together == alone
     for prompt in PROMPTS[:3]:  # and both equal BituneModel.generate
         assert alone[prompt] == generate_text(loaded, [{"role": "user", "content": prompt}], max_new_tokens=8)
+
+
+def test_requests_that_join_a_decoding_batch_answer_as_served_alone(served):
+    """Continuous batching: requests arriving mid-decode are prefilled and merged into the running batch
+    (caches of other lengths, one of them empty: a one-token prompt) and still decode exactly as alone."""
+    _, _, loaded, _ = served
+    tokenizer = loaded.tokenizer
+    prompts = {
+        "long": prompt_ids(loaded, [{"role": "user", "content": "the quick brown fox jumps"}]),
+        "short": prompt_ids(loaded, [{"role": "user", "content": "hi"}]),
+        "one token": tokenizer("q", add_special_tokens=False)["input_ids"][:1],
+    }
+    engine = BatchingEngine(loaded, max_batch_size=4, max_wait_ms=0)
+    engine.start()
+
+    def run(names: list[str], join_on_first_text: bool) -> dict[str, str]:
+        done, texts = threading.Event(), {}
+
+        def finished(name):
+            def record(completion):
+                texts[name] = completion.text
+                if len(texts) == len(names):
+                    done.set()
+
+            return record
+
+        requests = {n: GenerationRequest(list(prompts[n]), max_tokens=12, on_done=finished(n)) for n in names}
+        if join_on_first_text:  # the others arrive while the first request is decoding (engine thread)
+            first, *others = names
+            sent = []
+
+            def submit_others(text):
+                if not sent:
+                    sent.append(True)
+                    for name in others:
+                        engine.submit(requests[name])
+
+            requests[first].on_text = submit_others
+            engine.submit(requests[first])
+        else:
+            for name in names:
+                engine.submit(requests[name])
+        assert done.wait(60)
+        return texts
+
+    try:
+        alone = {name: run([name], False)[name] for name in prompts}
+        before = (engine.joined, len(engine.batch_sizes))
+        together = run(["long", "short", "one token"], True)
+        assert (engine.joined - before[0], len(engine.batch_sizes) - before[1]) == (2, 1)
+    finally:
+        engine.stop()
+    assert together == alone
+    messages = [{"role": "user", "content": "hi"}]
+    assert alone["short"] == generate_text(loaded, messages, max_new_tokens=12)
 
 
 def test_stop_strings_max_tokens_n_and_seeds(served):

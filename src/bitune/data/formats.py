@@ -36,7 +36,7 @@ from .templates import Instruction
 FORMATS = ("prompt_completion", "alpaca", "messages", "sharegpt", "trl_conversational")
 CONVERSATIONAL = ("messages", "sharegpt", "trl_conversational")
 _COMPLETION_KEYS = ("completion", "response", "output")
-_SHAREGPT_ROLES = {
+SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
     "user": "user",
@@ -196,11 +196,11 @@ def to_example(row: Any, fmt: str) -> Example:
         turns = row.get("conversations")
         if not isinstance(turns, list):
             raise ValueError("field 'conversations' is not a list")
-        if any(not isinstance(t, dict) or t.get("from") not in _SHAREGPT_ROLES for t in turns):
-            raise ValueError(f"a turn's 'from' is not one of {sorted(_SHAREGPT_ROLES)}")
+        if any(not isinstance(t, dict) or t.get("from") not in SHAREGPT_ROLES for t in turns):
+            raise ValueError(f"a turn's 'from' is not one of {sorted(SHAREGPT_ROLES)}")
         return Conversation(
             normalize_messages(
-                [{"role": _SHAREGPT_ROLES[t["from"]], "content": t.get("value")} for t in turns]
+                [{"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")} for t in turns]
             )
         )
     if fmt == "trl_conversational":

@@ -36,6 +36,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from ..config import BituneConfig
+from ..data import PromptFormat
 from ..hub import PACKAGED_MODELS, packaged_model_path, resolve_run
 from ..layout import is_model_dir
 from ..model import BituneModel, get_bitune_model
@@ -75,6 +76,9 @@ class BituneLM(HFLM):
         super().__init__(pretrained=pretrained, **kwargs)
         if bitune is not None:
             self.bitune_model = BituneModel.from_pretrained(self._model, bitune)
+            prompt_format = PromptFormat.load(bitune)
+            if prompt_format is not None and prompt_format.template == "chat":  # the run's own template
+                self.tokenizer.chat_template = prompt_format.chat_template
         else:  # the untrained `lora` variant is exactly the pretrained model, scored by the same code path
             self.bitune_model = get_bitune_model(self._model, BituneConfig(variant="lora")).eval()
         self._causal_only = False

@@ -1,5 +1,7 @@
 """`bitune eval`: score a trained run (or a checkpoint, a snapshot) or a base model on bitune's tasks through
-lm-evaluation-harness, and write the report.
+lm-evaluation-harness, and write the report. A run trained with its model's chat template is asked the
+questions in that template (lm-eval's ``apply_chat_template`` with the run's recorded template), as it was
+trained; the paper's and raw formats use the tasks' own prompts.
 
 Model arguments reach lm-eval as a dict, never as a ``key=value,...`` string built from user input: a path
 with a comma stays a path, and ``trust_remote_code`` comes only from its own explicit option.
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..card import write_model_card
+from ..data import PromptFormat
+from ..hub import resolve_run
 from ..layout import EVAL_DIR, is_model_dir
 from .tables import results_table
 from .tasks import DEFAULT_BATCH_SIZE, PAPER_TASKS, TASKS_DIR, lm_eval_task, summarize
@@ -75,9 +79,18 @@ def evaluate_target(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     extra = {"gen_kwargs": {"max_gen_toks": max_gen_toks}} if max_gen_toks else {}
+    if uses_chat_template(target):  # questions are asked as the run was trained: in its chat template
+        extra["apply_chat_template"] = True
     model_args = {"pretrained": str(target), "trust_remote_code": trust_remote_code}
     results = evaluate(model_args, names, limit=limit, batch_size=batch_size, **extra)
     return summarize(results, list(tasks), source)
+
+
+def uses_chat_template(target: str) -> bool:
+    """Whether ``target`` is a saved Bitune model trained with the chat template prompt format."""
+    local = resolve_run(str(target))
+    prompt_format = PromptFormat.load(local) if is_model_dir(local) else None
+    return prompt_format is not None and prompt_format.template == "chat"
 
 
 def default_report_dir(target: str) -> Path:

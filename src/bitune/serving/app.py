@@ -7,7 +7,8 @@ events from sse-starlette).
     POST /v1/chat/completions    messages written with the run's prompt format (chat template, or the paper's)
 
 Request fields: ``model``, ``prompt``/``messages``, ``max_tokens``, ``temperature`` (0: greedy), ``top_p``,
-``stop``, ``seed``, ``n``, ``stream``; responses carry ``usage`` and each choice its ``finish_reason``.
+``stop``, ``seed``, ``n``, ``stream`` (with ``stream_options.include_usage``: a last chunk with ``usage``);
+responses carry ``usage`` and each choice its ``finish_reason``.
 Bad requests get a 4xx with an OpenAI error body (``{"error": {"message", "type", "param", "code"}}``) and
 the server keeps serving. With an API key (``--api-key`` or ``BITUNE_API_KEY``) every endpoint but
 ``/health`` needs ``Authorization: Bearer <key>``. A client that goes away mid-stream frees its batch slot.
@@ -50,6 +51,10 @@ class OpenAIError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class _Sampling(BaseModel):
     model: str
     max_tokens: int | None = None
@@ -59,6 +64,7 @@ class _Sampling(BaseModel):
     seed: int | None = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
+    stream_options: StreamOptions | None = None
 
     @field_validator("stop")
     @classmethod
@@ -165,21 +171,21 @@ def create_app(
         }
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest):
         _check_model(body.model, model_name)
         ids = loaded.tokenizer(body.prompt, add_special_tokens=True)["input_ids"]
-        return await _respond(request, body, ids, chat=False)
+        return await _respond(body, ids, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request):
+    async def chat_completions(body: ChatRequest):
         _check_model(body.model, model_name)
         try:
             messages = list(normalize_messages([m.model_dump() for m in body.messages]))
         except ValueError as exc:
             raise OpenAIError(400, f"messages: {exc}", "messages") from None
-        return await _respond(request, body, prompt_ids(loaded, messages), chat=True)
+        return await _respond(body, prompt_ids(loaded, messages), chat=True)
 
-    async def _respond(request: Request, body: _Sampling, ids: list[int], chat: bool):
+    async def _respond(body: _Sampling, ids: list[int], chat: bool):
         context = loaded.context_length
         if context and len(ids) >= context:
             raise OpenAIError(
@@ -208,7 +214,8 @@ def create_app(
         kind = "chat.completion" if chat else "text_completion"
         if body.stream:
             return EventSourceResponse(
-                _events(request, stream, response_id, kind, chat, model_name, created), ping=15
+                _events(stream, response_id, kind, chat, model_name, created, _wants_usage(body), len(ids)),
+                ping=15,
             )
         try:
             results = await stream.results()
@@ -228,11 +235,7 @@ def create_app(
             "created": int(time.time()),
             "model": model_name,
             "choices": choices,
-            "usage": {
-                "prompt_tokens": len(ids),
-                "completion_tokens": completion_tokens,
-                "total_tokens": len(ids) + completion_tokens,
-            },
+            "usage": _usage(len(ids), completion_tokens),
         }
 
     return app
@@ -246,6 +249,18 @@ def _check_model(name: str, served: str) -> None:
             "model",
             "model_not_found",
         )
+
+
+def _wants_usage(body: _Sampling) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def _raise_failures(results: list[Completion]) -> None:
@@ -307,11 +322,29 @@ class _Stream:
 
 
 async def _events(
-    request: Request, stream: _Stream, response_id: str, kind: str, chat: bool, model: str, created: int
+    stream: _Stream,
+    response_id: str,
+    kind: str,
+    chat: bool,
+    model: str,
+    created: int,
+    include_usage: bool,
+    prompt_tokens: int,
 ):
     """The OpenAI chunk stream: role first (chat), then text deltas as they come, a final chunk per choice
-    with its finish_reason, then [DONE]. A client that disconnects cancels its sequences."""
+    with its finish_reason, with ``include_usage`` a chunk with no choices and the usage, then [DONE].
+    A client that disconnects cancels its sequences."""
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def envelope(choices: list[dict], usage: dict | None = None) -> str:
+        body = {
+            "id": response_id,
+            "object": chunk_kind,
+            "created": created,
+            "model": model,
+            "choices": choices,
+        }
+        return json.dumps(body | ({"usage": usage} if include_usage else {}))
 
     def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> str:
         if chat:
@@ -319,11 +352,9 @@ async def _events(
             choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return json.dumps(
-            {"id": response_id, "object": chunk_kind, "created": created, "model": model, "choices": [choice]}
-        )
+        return envelope([choice])
 
-    finished = 0
+    finished, completion_tokens = 0, 0
     try:
         if chat:
             for index in range(len(stream.requests)):
@@ -336,6 +367,7 @@ async def _events(
                     yield {"data": chunk(index, text, None)}
             else:
                 finished += 1
+                completion_tokens += value.completion_tokens
                 if value.finish_reason == "error":
                     yield {
                         "data": json.dumps(
@@ -344,6 +376,8 @@ async def _events(
                     }
                     continue
                 yield {"data": chunk(index, None, value.finish_reason)}
+        if include_usage:
+            yield {"data": envelope([], _usage(prompt_tokens, completion_tokens))}
         yield {"data": "[DONE]"}
     finally:
         if finished < len(stream.requests):  # the client went away (or the server is stopping)

@@ -1,10 +1,9 @@
-"""The batching engine behind ``bitune serve``: requests that arrive close together are prefilled together
-(both prompt passes, batched) and decoded as one batch.
+"""The batching engine behind ``bitune serve``: continuous batching of Bitune requests.
 
 One worker thread owns the model. It waits for a request, then up to ``max_wait_ms`` for more (up to
-``max_batch_size``), prefills them with `BituneModel.prefill` and decodes them step by step from the mixed
-cache with the causal adapter, exactly as `BituneModel.generate` does (same positions, same masks, greedy
-= argmax of the fp32 logits). Each step:
+``max_batch_size``), prefills them with `BituneModel.prefill` (both prompt passes, batched, mixed) and
+decodes them step by step from the mixed cache with the causal adapter, exactly as `BituneModel.generate`
+does (same positions, same masks, greedy = argmax of the fp32 logits). Each step:
 
 - every row gets its next token: greedy, or sampled with its request's temperature and top-p (transformers'
   logits warpers) from its request's own generator (so a seeded request samples the same whatever else is
@@ -12,10 +11,12 @@ cache with the causal adapter, exactly as `BituneModel.generate` does (same posi
 - new text reaches each request's ``on_text`` at once (held back only while it may be the start of a stop
   string);
 - a row that ends (EOS or end-of-turn, a stop string, ``max_tokens``, or its client went away) is answered
-  at once and leaves the batch: its cache rows are dropped, so the others decode on without it.
-
-Requests that arrive while a batch decodes wait for the next one (static batching; vLLM-style continuous
-batching would merge caches of different lengths mid-decode, which Hugging Face caches do not offer).
+  at once and leaves the batch: its cache rows are dropped, so the others decode on without it;
+- requests that arrived meanwhile join the running batch while it has room: they are prefilled together
+  and their mixed caches are merged into the running one (the shorter side left-padded with masked
+  columns, each row keeping its own positions), so nobody waits for a batch to finish. Caches that cannot
+  be merged this way (sliding-window or other non-plain cache layers) make new requests wait for the next
+  batch instead.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.cache_utils import DynamicLayer
 
 from ..batching import left_pad
 from ..config import CAUSAL_ADAPTER
@@ -58,6 +60,7 @@ class GenerationRequest:
     on_text: Callable[[str], None] = lambda text: None
     on_done: Callable[[Completion], None] = lambda completion: None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    done: bool = False
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -76,6 +79,64 @@ class _Row:
         self.warpers = warpers
 
 
+class _Batch:
+    """The rows being decoded and their decoding state: the cache over every token before ``current``, the
+    attention mask over the cache and ``current`` (one column wider than the cache), and each row's position."""
+
+    def __init__(
+        self, rows, cache, mask: torch.Tensor, positions: torch.Tensor, current: torch.Tensor
+    ) -> None:
+        self.rows, self.cache, self.mask, self.positions, self.current = rows, cache, mask, positions, current
+
+    def step(self, chosen: list[int], ended: list[bool]) -> None:
+        """Drop the rows that ended; the others move on to their chosen tokens."""
+        keep = [i for i, done in enumerate(ended) if not done]
+        if len(keep) < len(self.rows):
+            index = torch.tensor(keep, device=self.mask.device, dtype=torch.long)
+            self.cache.batch_select_indices(index)
+            self.mask, self.positions = self.mask[index], self.positions[index]
+            self.rows = [self.rows[i] for i in keep]
+            chosen = [chosen[i] for i in keep]
+        self.current = torch.tensor(chosen, device=self.mask.device, dtype=torch.long)[:, None]
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.positions = self.positions + 1
+
+    def can_merge(self) -> bool:
+        """Whether the cache is made of plain full-attention layers that all hold keys (so it can be padded)."""
+        return bool(self.rows) and all(
+            type(layer) is DynamicLayer and layer.keys is not None and layer.keys.numel() > 0
+            for layer in self.cache.layers
+        )
+
+    def merge(self, other: _Batch) -> None:
+        """Take ``other``'s rows into this batch: both sides left-padded to one width with masked columns."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        theirs_layers = other.cache.layers or [None] * len(self.cache.layers)  # one-token prompts: no cache
+        for mine, theirs in zip(self.cache.layers, theirs_layers, strict=True):
+            keys, values = _keys_values(theirs, len(other.rows), like=mine.keys)
+            mine.keys = torch.cat([_pad_left(mine.keys, width - 1), _pad_left(keys, width - 1)])
+            mine.values = torch.cat([_pad_left(mine.values, width - 1), _pad_left(values, width - 1)])
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask, width)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.current = torch.cat([self.current, other.current])
+        self.rows = self.rows + other.rows
+
+
+def _keys_values(layer, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache layer's keys and values; empty ones (rows, heads, 0, dim) shaped ``like`` if it holds none."""
+    if layer is None or layer.keys is None or layer.keys.numel() == 0:
+        empty = like.new_zeros((rows, like.shape[1], 0, like.shape[3]))
+        return empty, empty
+    return layer.keys, layer.values
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """``tensor`` zero-padded on the left of its sequence dimension (the last for masks, -2 for K/V) to ``width``."""
+    if tensor.dim() == 2:
+        return torch.nn.functional.pad(tensor, (width - tensor.shape[1], 0))
+    return torch.nn.functional.pad(tensor, (0, 0, width - tensor.shape[-2], 0))
+
+
 class BatchingEngine:
     """See the module docstring. Start with `start`, submit with `submit`, stop with `stop`."""
 
@@ -92,6 +153,8 @@ class BatchingEngine:
         self.stop_ids = set(loaded.stop_token_ids)
         self.batch_sizes: list[int] = []  # requests per batch run, and how requests ended (tests, logs)
         self.finished: Counter[str] = Counter()
+        self.joined = 0  # requests that joined a batch already decoding
+        self._closing = False
 
     def start(self) -> None:
         self.thread.start()
@@ -106,38 +169,72 @@ class BatchingEngine:
 
     # ------------------------------------------------------------------------------------- the worker
     def _work(self) -> None:
-        while True:
+        self._closing = False
+        while not self._closing:
             first = self.requests.get()
             if first is None:
                 return
-            batch, closing = [first], False
-            deadline = time.perf_counter() + self.max_wait
-            while len(batch) < self.max_batch_size:
-                try:
-                    request = self.requests.get(timeout=max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
-                    break
-                if request is None:
-                    closing = True
-                    break
-                batch.append(request)
-            live = [r for r in batch if not r.cancelled.is_set()]
-            for request in batch:
-                if request.cancelled.is_set():
-                    self._finish(request, Completion("", "cancelled", 0))
+            batch = [first, *self._take(self.max_batch_size - 1, wait=self.max_wait)]
+            live = self._live(batch)
             if live:
                 try:
                     self._run(live)
                 except Exception as exc:  # a failed batch fails its requests, the server keeps serving
                     for request in live:
-                        self._finish(request, Completion(f"{type(exc).__name__}: {exc}", "error", 0))
-            if closing:
-                return
+                        if not request.done:
+                            self._finish(request, Completion(f"{type(exc).__name__}: {exc}", "error", 0))
+
+    def _take(self, limit: int, wait: float) -> list[GenerationRequest]:
+        """Up to ``limit`` queued requests, waiting at most ``wait`` seconds for them; notes a stop signal."""
+        taken: list[GenerationRequest] = []
+        deadline = time.perf_counter() + wait
+        while len(taken) < limit and not self._closing:
+            try:
+                request = self.requests.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if request is None:
+                self._closing = True
+            else:
+                taken.append(request)
+        return taken
+
+    def _live(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        for request in requests:
+            if request.cancelled.is_set():
+                self._finish(request, Completion("", "cancelled", 0))
+        return [r for r in requests if not r.cancelled.is_set()]
 
     @torch.no_grad()
     def _run(self, requests: list[GenerationRequest]) -> None:
         self.batch_sizes.append(len(requests))
-        model, device = self.loaded.model, self.loaded.model.device
+        model = self.loaded.model
+        batch = self._prefill(requests)
+        with model.adapters.use(CAUSAL_ADAPTER):
+            while batch.rows:
+                logits = (
+                    model.base_model(
+                        input_ids=batch.current,
+                        attention_mask=batch.mask,
+                        position_ids=batch.positions,
+                        past_key_values=batch.cache,
+                        use_cache=True,
+                    )
+                    .logits[:, -1]
+                    .float()
+                )
+                chosen = [self._next_token(row, logits[i : i + 1]) for i, row in enumerate(batch.rows)]
+                ended = [self._advance(row, token) for row, token in zip(batch.rows, chosen, strict=True)]
+                batch.step(chosen, ended)
+                room = self.max_batch_size - len(batch.rows)
+                if room > 0 and batch.can_merge() and not self.requests.empty():
+                    joining = self._live(self._take(room, wait=0.0))
+                    if joining:
+                        batch.merge(self._prefill(joining))
+                        self.joined += len(joining)
+
+    def _prefill(self, requests: list[GenerationRequest]) -> _Batch:
+        device = self.loaded.model.device
         width = max(len(r.prompt_ids) for r in requests)
         ids = torch.zeros((len(requests), width), dtype=torch.long, device=device)
         mask = torch.zeros_like(ids)
@@ -145,40 +242,9 @@ class BatchingEngine:
             ids[i, : len(request.prompt_ids)] = torch.tensor(request.prompt_ids, device=device)
             mask[i, : len(request.prompt_ids)] = 1
         ids, mask = left_pad(ids, mask)
-        cache = model.prefill(ids, mask)  # both prompt passes, mixed; over every prompt token but the last
-        rows = [_Row(r) for r in requests]
-        current = ids[:, -1:]
+        cache = self.loaded.model.prefill(ids, mask)  # over every prompt token but the last
         positions = mask.sum(dim=1, keepdim=True) - 1  # the last prompt token's position
-        with model.adapters.use(CAUSAL_ADAPTER):
-            while rows:
-                logits = (
-                    model.base_model(
-                        input_ids=current,
-                        attention_mask=mask,
-                        position_ids=positions,
-                        past_key_values=cache,
-                        use_cache=True,
-                    )
-                    .logits[:, -1]
-                    .float()
-                )
-                chosen = [self._next_token(row, logits[i : i + 1]) for i, row in enumerate(rows)]
-                keep = [
-                    i
-                    for i, (row, token) in enumerate(zip(rows, chosen, strict=True))
-                    if not self._advance(row, token)
-                ]
-                if len(keep) < len(rows):
-                    index = torch.tensor(keep, device=device, dtype=torch.long)
-                    cache.batch_select_indices(index)
-                    mask, positions = mask[index], positions[index]
-                    chosen = [chosen[i] for i in keep]
-                    rows = [rows[i] for i in keep]
-                if not rows:
-                    return
-                current = torch.tensor(chosen, device=device, dtype=torch.long)[:, None]
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                positions = positions + 1
+        return _Batch([_Row(r) for r in requests], cache, mask, positions, ids[:, -1:])
 
     def _next_token(self, row: _Row, logits: torch.Tensor) -> int:
         if not row.warpers:
@@ -221,4 +287,5 @@ class BatchingEngine:
 
     def _finish(self, request: GenerationRequest, completion: Completion) -> None:
         self.finished[completion.finish_reason] += 1
+        request.done = True
         request.on_done(completion)
