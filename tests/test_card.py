@@ -73,7 +73,7 @@ def test_packaged_bases_are_named_by_their_hub_id(run_dir, tmp_path):
     )
 
 
-def test_push_uploads_exactly_the_trained_files(run_dir):
+def test_push_selects_exactly_the_trained_files(run_dir):  # the upload itself needs the hub
     files = push_files(run_dir)
     assert sorted(files) == sorted(
         [

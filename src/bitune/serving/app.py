@@ -12,6 +12,9 @@ responses carry ``usage`` and each choice its ``finish_reason``.
 Bad requests get a 4xx with an OpenAI error body (``{"error": {"message", "type", "param", "code"}}``) and
 the server keeps serving. With an API key (``--api-key`` or ``BITUNE_API_KEY``) every endpoint but
 ``/health`` needs ``Authorization: Bearer <key>``. A client that goes away mid-stream frees its batch slot.
+
+Longer than most modules here because it is the whole HTTP surface in one place: request schemas, error
+bodies, the two endpoints and their streamed form; the batching itself is engine.py.
 """
 
 from __future__ import annotations
