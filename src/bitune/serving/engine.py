@@ -227,7 +227,7 @@ class BatchingEngine:
                 ended = [self._advance(row, token) for row, token in zip(batch.rows, chosen, strict=True)]
                 batch.step(chosen, ended)
                 room = self.max_batch_size - len(batch.rows)
-                if room > 0 and batch.can_merge() and not self.requests.empty():
+                if room > 0 and not self.requests.empty() and batch.can_merge():
                     joining = self._live(self._take(room, wait=0.0))
                     if joining:
                         batch.merge(self._prefill(joining))
