@@ -128,6 +128,40 @@ def test_a_grid_continues_from_its_committed_report_on_a_fresh_machine(tmp_path,
     assert calls == ["train", "train"]  # both seeds of bitune train again; the pretrained score still fits
 
 
+def test_report_only_rewrites_the_report_from_records_without_running_anything(tmp_path, monkeypatch):
+    config = grid_config(tmp_path, methods={"pretrained": None, "bitune": {}})
+    config.report_dir = str(tmp_path / "report")
+    config.evaluation.curve_steps = [0, 2]
+    import bitune.evaluation.runner
+    import bitune.experiments.runner
+
+    calls = []
+    monkeypatch.setattr(bitune.experiments.runner, "train", lambda *a, **k: calls.append("train"))
+    monkeypatch.setattr(bitune.evaluation.runner, "evaluate_target", lambda *a, **k: calls.append("eval"))
+    empty = run_grid(config, report_only=True)
+    assert calls == [] and empty["results"] == {}
+
+    monkeypatch.undo()
+    finished = run_grid(config)
+    report = tmp_path / "report" / "results.json"
+    saved = json.loads(report.read_text())
+    del saved["runs"]["bitune/seed2"]  # recorded only in its run directory now
+    saved["runs"]["bitune/seed1"]["curve"]["2"]["arc_easy"]["acc"] = 0.0  # the report's record wins
+    report.write_text(json.dumps(saved))
+    (tmp_path / "report" / "results.md").unlink()
+    monkeypatch.setattr(bitune.experiments.runner, "train", lambda *a, **k: calls.append("train"))
+    monkeypatch.setattr(bitune.evaluation.runner, "evaluate_target", lambda *a, **k: calls.append("eval"))
+    again = run_grid(config, report_only=True)
+    assert calls == []
+    assert again["results"] == finished["results"]
+    rewritten = json.loads(report.read_text())["runs"]
+    assert rewritten["bitune/seed2"]["scores"] == finished["results"]["bitune"][2]
+    assert rewritten["bitune/seed1"]["curve"]["2"]["arc_easy"]["acc"] == 0.0
+    table = (tmp_path / "report" / "results.md").read_text()
+    assert "| bitune | " in table and "| bitune/seed2 | 4 | " in table  # the runs: updates, times, commands
+    assert "Standard error of one run's score on its questions, in points: arc_easy " in table
+
+
 def test_results_table_means_and_stds():
     results = {"a": {1: {"x": {"acc": 0.5}, "y": {"acc": 0.7}}, 2: {"x": {"acc": 0.7}, "y": {"acc": 0.9}}}}
     table = results_table(results, ["x", "y"])

@@ -1,7 +1,7 @@
 """The ``bitune`` command: each subcommand parses its arguments and makes one call into the library.
 
 bitune train CONFIG.yaml [key=value ...] [--resume [--allow-change training.max_steps]]
-bitune compare CONFIG.yaml [key=value ...]
+bitune compare CONFIG.yaml [key=value ...] [--report-only]
 bitune eval TARGET [--tasks ...] [--limit N]
 bitune generate TARGET "prompt" | --messages FILE  [--max-new-tokens N --temperature T --top-p P --seed S]
 bitune chat TARGET [--system TEXT]
@@ -34,7 +34,7 @@ def _train(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from .experiments import load_compare_config, run_grid
 
-    summary = run_grid(load_compare_config(args.config, args.overrides))
+    summary = run_grid(load_compare_config(args.config, args.overrides), report_only=args.report_only)
     if summary["failures"]:
         raise RuntimeError(f"{len(summary['failures'])} run(s) failed; see the messages above")
 
@@ -175,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("config", help="compare config YAML (e.g. configs/quickstart.yaml)")
     compare.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. evaluation.limit=50")
+    compare.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train and score nothing: rewrite the report, tables and plots from what is recorded",
+    )
     compare.set_defaults(func=_compare)
 
     from .data import SOURCES

@@ -35,3 +35,20 @@ def results_table(results: dict[str, dict[int, dict]], tasks: list[str], metric:
             + f" | {cell(averages)} |"
         )
     return "\n".join(lines)
+
+
+def stderr_note(results: dict[str, dict[int, dict]], tasks: list[str], metric: str = "acc") -> str:
+    """One line under a results table: ± there is the spread over seeds; the standard error of a single
+    score on the questions scored (mean over the scores, in points) is a different uncertainty."""
+    parts = []
+    for task in tasks:
+        scores = [s[task] for by_seed in results.values() for s in by_seed.values() if task in s]
+        errors = [s[f"{metric}_stderr"] for s in scores if s.get(f"{metric}_stderr") is not None]
+        if errors:
+            parts.append(f"{task} {100 * statistics.fmean(errors):.1f} (n={scores[0].get('n', '?')})")
+    if not parts:
+        return ""
+    return (
+        "± is the standard deviation over seeds. Standard error of one run's score on its questions, "
+        "in points: " + ", ".join(parts) + "."
+    )

@@ -16,17 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluation import runner as evaluation
+from ..evaluation.tables import stderr_note
 from ..layout import LOG_JSONL, RECORD, RUN_CONFIG, is_model_dir, snapshot_dir, trained_steps
 from ..training import train
 from .config import ALL, CompareConfig, run_key
 from .figures import plot_grid
 from .record import GridReport, current_command, source_commit
-from .tables import curve_tables, results_of, results_table, write_csvs
+from .tables import curve_tables, results_of, results_table, runs_table, write_csvs
 
 
-def run_grid(config: CompareConfig) -> dict:
+def run_grid(config: CompareConfig, report_only: bool = False) -> dict:
     """Train and evaluate every run of the grid that is not finished yet; write the report, tables and
-    plots (after every run).
+    plots (after every run). With ``report_only``, train and score nothing: rewrite the report, tables and
+    plots from what is recorded (in the report and in the run directories), e.g. while the grid runs
+    elsewhere or after an upgrade changed the tables.
 
     Returns:
         ``{"results": method -> seed -> task -> scores, "failures": [...], ...}`` as written to
@@ -38,12 +41,17 @@ def run_grid(config: CompareConfig) -> dict:
     summary: dict[str, Any] = {}
     for task, method, seed in config.runs():
         key = run_key(task, method, seed)
+        if report_only:
+            _record_as_is(config, report, task, method, seed)
+            continue
         try:
             record = run_one(config, report, task, method, seed)
             report.record(key, record, log=config.run_dir(method, seed, task) / LOG_JSONL)
         except Exception:  # one failed run must not stop the grid
             failures.append({"method": method, "seed": seed, "task": task, "error": traceback.format_exc()})
             print(f"!! {method} seed {seed} {task} failed:\n{failures[-1]['error']}")
+        summary = write_report(config, report, failures, time.perf_counter() - started)
+    if report_only:
         summary = write_report(config, report, failures, time.perf_counter() - started)
     print(summary["tables"])
     return summary
@@ -113,6 +121,15 @@ def run_one(config: CompareConfig, report: GridReport, task: str, method: str, s
     return record
 
 
+def _record_as_is(config: CompareConfig, report: GridReport, task: str, method: str, seed: int) -> None:
+    """Keep what is recorded of a run, finished or not, without training or scoring anything."""
+    key, run_dir = run_key(task, method, seed), config.run_dir(method, seed, task)
+    fingerprint = config.fingerprint(method, seed, task)
+    record = _merged_record(report.reusable(key, fingerprint), run_dir, fingerprint)
+    if record["scores"] or record["curve"]:
+        report.record(key, record, log=run_dir / LOG_JSONL)
+
+
 def _merged_record(recorded: dict, run_dir: Path, fingerprint: str) -> dict:
     """The report's record of a run joined with what its run directory holds (same fingerprint only)."""
     record = {"fingerprint": fingerprint, "scores": {}, "curve": {}}
@@ -154,12 +171,16 @@ def write_report(config: CompareConfig, report: GridReport, failures: list[dict]
     results = results_of(config, report)
     tasks = list(config.tasks) if config.tasks else list(config.evaluation.tasks)
     tables = results_table(results, tasks)
+    note = stderr_note(results, tasks)
+    if note:
+        tables += "\n\n" + note
     curves = curve_tables(config, report)
     if curves:
         tables += "\n\n" + curves
     summary = {"results": results, "failures": failures, "seconds": {"this_call": seconds}}
     report.write(summary)
-    (config.report_path / "results.md").write_text(tables + "\n")
+    runs = runs_table(config, report)
+    (config.report_path / "results.md").write_text(tables + (f"\n\nRuns\n\n{runs}" if runs else "") + "\n")
     write_csvs(config, report)
     plot_grid(config, report, config.report_path / "plots")
     return {**summary, "tables": tables}

@@ -10,7 +10,7 @@ from ..evaluation.tables import results_table
 from .config import CompareConfig, run_key
 from .record import GridReport
 
-__all__ = ["curve_points", "curve_tables", "results_of", "results_table", "write_csvs"]
+__all__ = ["curve_points", "curve_tables", "results_of", "results_table", "runs_table", "write_csvs"]
 
 
 def results_of(config: CompareConfig, report: GridReport) -> dict[str, dict[int, dict]]:
@@ -75,6 +75,26 @@ def curve_tables(config: CompareConfig, report: GridReport) -> str:
                 lines.append(f"| {method} | " + " | ".join(_cell(by_step.get(s, [])) for s in steps) + " |")
             blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def runs_table(config: CompareConfig, report: GridReport) -> str:
+    """Markdown: how each recorded run of the grid was made: updates, wall time of training and scoring,
+    the source commit(s) and the command(s) (several when a run was continued)."""
+    lines = [
+        "| run | updates | train [min] | eval [min] | commit | command |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task, method, seed in config.runs():
+        key = run_key(task, method, seed)
+        run = report.runs.get(key)
+        if not run or run.get("fingerprint") != config.fingerprint(method, seed, task):
+            continue
+        seconds = run.get("seconds", {})
+        minutes = [f"{seconds[k] / 60:.1f}" if k in seconds else "-" for k in ("train", "eval")]
+        commits = ", ".join((c or "unknown")[:7] for c in run.get("commits", [])) or "-"
+        commands = "; ".join(f"`{c}`" for c in run.get("commands", [])) or "-"
+        lines.append(f"| {key} | {run.get('steps', '-')} | {' | '.join(minutes)} | {commits} | {commands} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def _cell(values: list[float]) -> str:
