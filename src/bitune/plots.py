@@ -64,16 +64,29 @@ Band = Sequence[tuple[float, float, float]]  # (step, mean, std)
 
 def plot_bands(panels: Sequence[tuple[str, str, dict[str, Band]]], path: str | Path, title: str) -> Path:
     """Side-by-side panels, each ``(title, ylabel, {label: [(step, mean, std), ...]})``: a line per label
-    with a shaded mean ± std band; saves a PNG to ``path`` and returns it."""
+    with a shaded mean ± std band; saves a PNG to ``path`` and returns it. A method keeps its colour in
+    every panel; labels ``"<method> K"`` and ``"<method> V"`` take the method's colour (V dashed)."""
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     axes = list(axes) if len(panels) > 1 else [axes]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours: dict[str, str] = {}
     for axis, (panel_title, ylabel, series) in zip(axes, panels, strict=True):
         for label, points in series.items():
             if not points:
                 continue
+            method = label.removesuffix(" K").removesuffix(" V")
+            colour = colours.setdefault(method, cycle[len(colours) % len(cycle)])
             steps, means, stds = zip(*points, strict=True)
-            (line,) = axis.plot(steps, means, marker="o" if len(steps) < 12 else None, ms=3, label=label)
+            (line,) = axis.plot(
+                steps,
+                means,
+                marker="o" if len(steps) < 12 else None,
+                ms=3,
+                label=label,
+                color=colour,
+                linestyle="--" if label.endswith(" V") else "-",
+            )
             low = [m - s for m, s in zip(means, stds, strict=True)]
             high = [m + s for m, s in zip(means, stds, strict=True)]
             axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
