@@ -41,8 +41,10 @@ def run_grid(config: CompareConfig, report_only: bool = False) -> dict:
     summary: dict[str, Any] = {}
     for task, method, seed in config.runs():
         key = run_key(task, method, seed)
-        if report_only:
-            _record_as_is(config, report, task, method, seed)
+        if report_only:  # keep what is recorded of the run, finished or not
+            record = _known_record(config, report, task, method, seed)
+            if record["scores"] or record["curve"]:
+                report.record(key, record, log=config.run_dir(method, seed, task) / LOG_JSONL)
             continue
         try:
             record = run_one(config, report, task, method, seed)
@@ -51,7 +53,7 @@ def run_grid(config: CompareConfig, report_only: bool = False) -> dict:
             failures.append({"method": method, "seed": seed, "task": task, "error": traceback.format_exc()})
             print(f"!! {method} seed {seed} {task} failed:\n{failures[-1]['error']}")
         summary = write_report(config, report, failures, time.perf_counter() - started)
-    if report_only:
+    if report_only:  # written once, after every record is in
         summary = write_report(config, report, failures, time.perf_counter() - started)
     print(summary["tables"])
     return summary
@@ -60,8 +62,7 @@ def run_grid(config: CompareConfig, report_only: bool = False) -> dict:
 def run_one(config: CompareConfig, report: GridReport, task: str, method: str, seed: int) -> dict:
     """Finish one run (train if needed, score what is not scored) and return its record."""
     run_dir = config.run_dir(method, seed, task)
-    fingerprint = config.fingerprint(method, seed, task)
-    record = _merged_record(report.reusable(run_key(task, method, seed), fingerprint), run_dir, fingerprint)
+    record = _known_record(config, report, task, method, seed)
     tasks = config.eval_tasks(task)
     curve_steps = config.evaluation.curve_steps if config.is_trained(method) else []
     if _finished(record, tasks, curve_steps):
@@ -121,19 +122,13 @@ def run_one(config: CompareConfig, report: GridReport, task: str, method: str, s
     return record
 
 
-def _record_as_is(config: CompareConfig, report: GridReport, task: str, method: str, seed: int) -> None:
-    """Keep what is recorded of a run, finished or not, without training or scoring anything."""
-    key, run_dir = run_key(task, method, seed), config.run_dir(method, seed, task)
+def _known_record(config: CompareConfig, report: GridReport, task: str, method: str, seed: int) -> dict:
+    """What is known of a run: the report's record joined with what its run directory holds (same
+    fingerprint only)."""
     fingerprint = config.fingerprint(method, seed, task)
-    record = _merged_record(report.reusable(key, fingerprint), run_dir, fingerprint)
-    if record["scores"] or record["curve"]:
-        report.record(key, record, log=run_dir / LOG_JSONL)
-
-
-def _merged_record(recorded: dict, run_dir: Path, fingerprint: str) -> dict:
-    """The report's record of a run joined with what its run directory holds (same fingerprint only)."""
+    recorded = report.reusable(run_key(task, method, seed), fingerprint)
     record = {"fingerprint": fingerprint, "scores": {}, "curve": {}}
-    path = run_dir / RECORD
+    path = config.run_dir(method, seed, task) / RECORD
     local = json.loads(path.read_text()) if path.is_file() else {}
     for source in (local, recorded):
         if source.get("fingerprint") != fingerprint:

@@ -5,20 +5,37 @@ from __future__ import annotations
 
 import csv
 import statistics
+from collections.abc import Iterator
 
 from ..evaluation.tables import results_table
 from .config import CompareConfig, run_key
 from .record import GridReport
 
-__all__ = ["curve_points", "curve_tables", "results_of", "results_table", "runs_table", "write_csvs"]
+__all__ = [
+    "curve_points",
+    "curve_tables",
+    "recorded",
+    "results_of",
+    "results_table",
+    "runs_table",
+    "write_csvs",
+]
+
+
+def recorded(config: CompareConfig, report: GridReport) -> Iterator[tuple[str, str, int, dict]]:
+    """``(task, method, seed, record)`` of every run of the grid recorded with its current fingerprint, in
+    the grid's order."""
+    for task, method, seed in config.runs():
+        run = report.reusable(run_key(task, method, seed), config.fingerprint(method, seed, task))
+        if run:
+            yield task, method, seed, run
 
 
 def results_of(config: CompareConfig, report: GridReport) -> dict[str, dict[int, dict]]:
     """Final scores of the grid's recorded runs: method -> seed -> task -> scores."""
     results: dict[str, dict[int, dict]] = {}
-    for task, method, seed in config.runs():
-        run = report.runs.get(run_key(task, method, seed))
-        if run and run.get("fingerprint") == config.fingerprint(method, seed, task) and run.get("scores"):
+    for _, method, seed, run in recorded(config, report):
+        if run.get("scores"):
             results.setdefault(method, {}).setdefault(seed, {}).update(run["scores"])
     return results
 
@@ -33,24 +50,20 @@ def curve_points(config: CompareConfig, report: GridReport, task: str, eval_task
     }
     steps = sorted(set(config.evaluation.curve_steps) | (final_steps - {None}))
     points: dict[str, dict[int, list[float]]] = {}
-    for method in config.methods:
-        for seed in config.seeds_of(method):
-            run = report.runs.get(run_key(task, method, seed))
-            if not run or run.get("fingerprint") != config.fingerprint(method, seed, task):
-                continue
-            if not config.is_trained(method):
-                if eval_task in run.get("scores", {}):
-                    for step in steps:
-                        points.setdefault(method, {}).setdefault(step, []).append(
-                            run["scores"][eval_task]["acc"]
-                        )
-                continue
-            curve = dict(run.get("curve", {}))
-            if eval_task in run.get("scores", {}) and run.get("steps") is not None:
-                curve.setdefault(str(run["steps"]), {eval_task: run["scores"][eval_task]})
-            for step, scores in curve.items():
-                if eval_task in scores:
-                    points.setdefault(method, {}).setdefault(int(step), []).append(scores[eval_task]["acc"])
+    for run_task, method, _, run in recorded(config, report):
+        if run_task != task:
+            continue
+        if not config.is_trained(method):
+            if eval_task in run.get("scores", {}):
+                for step in steps:
+                    points.setdefault(method, {}).setdefault(step, []).append(run["scores"][eval_task]["acc"])
+            continue
+        curve = dict(run.get("curve", {}))
+        if eval_task in run.get("scores", {}) and run.get("steps") is not None:
+            curve.setdefault(str(run["steps"]), {eval_task: run["scores"][eval_task]})
+        for step, scores in curve.items():
+            if eval_task in scores:
+                points.setdefault(method, {}).setdefault(int(step), []).append(scores[eval_task]["acc"])
     return {m: dict(sorted(by_step.items())) for m, by_step in points.items()}
 
 
@@ -84,16 +97,14 @@ def runs_table(config: CompareConfig, report: GridReport) -> str:
         "| run | updates | train [min] | eval [min] | commit | command |",
         "|---|---|---|---|---|---|",
     ]
-    for task, method, seed in config.runs():
-        key = run_key(task, method, seed)
-        run = report.runs.get(key)
-        if not run or run.get("fingerprint") != config.fingerprint(method, seed, task):
-            continue
+    for task, method, seed, run in recorded(config, report):
         seconds = run.get("seconds", {})
         minutes = [f"{seconds[k] / 60:.1f}" if k in seconds else "-" for k in ("train", "eval")]
         commits = ", ".join((c or "unknown")[:7] for c in run.get("commits", [])) or "-"
         commands = "; ".join(f"`{c}`" for c in run.get("commands", [])) or "-"
-        lines.append(f"| {key} | {run.get('steps', '-')} | {' | '.join(minutes)} | {commits} | {commands} |")
+        lines.append(
+            f"| {run_key(task, method, seed)} | {run.get('steps', '-')} | {' | '.join(minutes)} | {commits} | {commands} |"
+        )
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -110,10 +121,7 @@ def write_csvs(config: CompareConfig, report: GridReport) -> None:
     run, task and curve point."""
     final = [["method", "seed", "task", "metric", "score", "stderr", "n"]]
     curve = [["method", "seed", "task", "step", "score", "stderr", "n"]]
-    for task, method, seed in config.runs():
-        run = report.runs.get(run_key(task, method, seed))
-        if not run or run.get("fingerprint") != config.fingerprint(method, seed, task):
-            continue
+    for _, method, seed, run in recorded(config, report):
         for name, s in run.get("scores", {}).items():
             final.append(
                 [method, seed, name, s.get("metric", "acc"), s["acc"], s.get("acc_stderr"), s.get("n")]

@@ -169,7 +169,6 @@ class BatchingEngine:
 
     # ------------------------------------------------------------------------------------- the worker
     def _work(self) -> None:
-        self._closing = False
         while not self._closing:
             first = self.requests.get()
             if first is None:
