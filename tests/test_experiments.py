@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
-from bitune.evaluation.tables import results_table
+import pytest
+
+from bitune.evaluation.tables import paired_table, results_table
+from bitune.evaluation.tasks import question_outcomes
 from bitune.experiments import load_compare_config, run_grid
 
 from conftest import tiny_run_files
@@ -196,3 +199,85 @@ def test_downstream_grid_trains_per_task_and_plots(tmp_path):
         for task in ("siqa", "csqa")
         for name in ("loss.png", "ratio_steps.png", "ratio_layers_bitune.png")
     }
+
+
+def test_question_outcomes_follow_the_headline_metric_in_question_order():
+    samples = [
+        {"doc_id": 1, "filter": "none", "acc": 0.0, "doc_hash": "b"},
+        {"doc_id": 0, "filter": "none", "acc": 1.0, "doc_hash": "a"},
+        {"doc_id": 0, "filter": "other", "acc": 0.0, "doc_hash": "a"},
+    ]
+    outcomes = question_outcomes(samples, "acc,none")
+    assert outcomes["correct"] == "10" and len(outcomes["questions"]) == 16
+    reordered = question_outcomes([samples[1], samples[0]], "acc,none")
+    assert reordered == outcomes
+    assert (
+        question_outcomes([{**samples[1], "doc_hash": "c"}, samples[0]], "acc,none")["questions"]
+        != (outcomes["questions"])
+    )  # other questions: another digest, never paired
+    assert question_outcomes([{**samples[0], "acc": 0.5}], "acc,none") == {}  # not right/wrong
+    assert question_outcomes([], "acc,none") == {}
+
+
+def test_paired_table_compares_per_question_means_over_seeds():
+    def score(correct, questions="q"):
+        return {"x": {"acc": correct.count("1") / len(correct), "correct": correct, "questions": questions}}
+
+    results = {
+        "lora": {1: score("1100"), 2: score("1000")},
+        "bitune": {1: score("1110"), 2: score("1101")},
+        "other": {1: score("1111", questions="elsewhere")},  # other questions: not paired
+        "old": {1: {"x": {"acc": 0.5}}},  # no outcomes recorded
+    }
+    table = paired_table(results, ["x"], "lora").splitlines()
+    # per question: bitune 1, 1, .5, .5 minus lora 1, .5, 0, 0 -> 0, .5, .5, .5: mean .375, stdev .25
+    assert table[2] == "| bitune | x | 2 vs 2 | +37.5 | 12.5 | +13.0 to +62.0 |"
+    assert len(table) == 3
+    assert paired_table(results, ["x"], "old") == ""  # a baseline without outcomes: no table
+
+
+def test_a_baseline_must_be_a_method(tmp_path):
+    config = grid_config(tmp_path)
+    assert config.baseline == "lora"  # the first trained method
+    path = tmp_path / "grid.yaml"
+    raw = json.loads(path.read_text())
+    raw["evaluation"]["baseline"] = "lorra"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"evaluation\.baseline 'lorra' is not a method"):
+        load_compare_config(path)
+
+
+def test_runs_scored_before_outcomes_were_recorded_are_scored_again_only_when_at_hand(tmp_path, monkeypatch):
+    config = grid_config(tmp_path, methods={"lora": {"bitune.variant": "lora"}, "bitune": {}})
+    first = run_grid(config)
+    scores = first["results"]["bitune"][1]["arc_easy"]
+    assert len(scores["correct"]) == 6 and scores["correct"].count("1") == round(6 * scores["acc"])
+    table = (tmp_path / "grid" / "results.md").read_text()
+    assert (
+        "Each method against lora, question by question" in table
+        and "| bitune | arc_easy | 2 vs 2 | " in table
+    )
+
+    import shutil
+
+    import bitune.evaluation.runner
+
+    path = config.report_path / "results.json"
+    report = json.loads(path.read_text())
+    for seed in (1, 2):  # as recorded before per-question outcomes existed
+        del report["runs"][f"bitune/seed{seed}"]["scores"]["arc_easy"]["correct"]
+        (config.run_dir("bitune", seed) / "record.json").unlink()
+    path.write_text(json.dumps(report))
+    shutil.rmtree(config.run_dir("bitune", 2))  # known only from the report: its score stays as it is
+    real = bitune.evaluation.runner.evaluate_target
+    calls = []
+    monkeypatch.setattr(
+        bitune.evaluation.runner,
+        "evaluate_target",
+        lambda target, *a, **k: calls.append(target) or real(target, *a, **k),
+    )
+    again = run_grid(config)
+    assert calls == [str(config.run_dir("bitune", 1))]
+    assert again["results"]["bitune"][1]["arc_easy"] == scores  # the same score, with its outcomes
+    assert "correct" not in again["results"]["bitune"][2]["arc_easy"]
+    assert "| bitune | arc_easy | 1 vs 2 | " in (tmp_path / "grid" / "results.md").read_text()

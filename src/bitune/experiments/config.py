@@ -67,6 +67,14 @@ class EvaluationSection:
         },
     )
 
+    baseline: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "The method every other one is compared with, question by question (default: the first "
+            "trained method)."
+        },
+    )
+
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ValueError("evaluation.tasks must name at least one task")
@@ -135,6 +143,11 @@ class CompareConfig:
         unknown = sorted(set(self.task_overrides) - set(self.tasks or ()))
         if unknown:
             raise ValueError(f"task_overrides names tasks that are not in `tasks`: {unknown}")
+        baseline = self.evaluation.baseline
+        if baseline is not None and baseline not in self.methods:
+            raise ValueError(
+                f"evaluation.baseline {baseline!r} is not a method; methods: {sorted(self.methods)}"
+            )
         for task in self.grid_tasks:  # validate every run config before anything is trained
             for name in self.methods:
                 self.run_config(name, self.seeds[0], task)
@@ -145,6 +158,12 @@ class CompareConfig:
 
     def is_trained(self, method: str) -> bool:
         return self.methods[method] is not PRETRAINED
+
+    @property
+    def baseline(self) -> str | None:
+        """The method the others are compared with question by question."""
+        trained = [m for m in self.methods if self.is_trained(m)]
+        return self.evaluation.baseline or (trained[0] if trained else None)
 
     @property
     def grid_tasks(self) -> list[str]:

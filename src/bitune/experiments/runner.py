@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluation import runner as evaluation
-from ..evaluation.tables import stderr_note
+from ..evaluation.tables import paired_table, stderr_note
 from ..layout import LOG_JSONL, RECORD, RUN_CONFIG, is_model_dir, snapshot_dir, trained_steps
 from ..training import train
 from .config import ALL, CompareConfig, run_key
@@ -65,7 +65,8 @@ def run_one(config: CompareConfig, report: GridReport, task: str, method: str, s
     record = _known_record(config, report, task, method, seed)
     tasks = config.eval_tasks(task)
     curve_steps = config.evaluation.curve_steps if config.is_trained(method) else []
-    if _finished(record, tasks, curve_steps):
+    at_hand = not config.is_trained(method) or is_model_dir(run_dir)
+    if not _unscored(record, tasks, at_hand) and _curve_finished(record, tasks, curve_steps):
         return record
     for name, value in (("commits", source_commit()), ("commands", current_command())):
         if value not in record.setdefault(name, []):
@@ -95,7 +96,14 @@ def run_one(config: CompareConfig, report: GridReport, task: str, method: str, s
         seconds["eval"] = seconds.get("eval", 0.0) + time.perf_counter() - began
         _save_record(run_dir, record)
 
-    score(target, [t for t in tasks if t not in record["scores"]], record["scores"])
+    todo = _unscored(record, tasks, at_hand=True)
+    before = {t: record["scores"][t]["acc"] for t in todo if t in record["scores"]}
+    score(target, todo, record["scores"])
+    for t, acc in before.items():  # scored again for its per-question outcomes: the score must not move
+        if abs(record["scores"][t]["acc"] - acc) > 1e-9:
+            print(
+                f"   {method} seed {seed} {t}: scored {record['scores'][t]['acc']:.4f} now, {acc:.4f} before"
+            )
     for step in curve_steps:
         point = record["curve"].setdefault(str(step), {})
         todo = [t for t in tasks if t not in point]
@@ -144,9 +152,16 @@ def _known_record(config: CompareConfig, report: GridReport, task: str, method: 
     return record
 
 
-def _finished(record: dict, tasks: list[str], curve_steps: list[int]) -> bool:
-    if not all(t in record["scores"] for t in tasks):
-        return False
+def _unscored(record: dict, tasks: list[str], at_hand: bool) -> list[str]:
+    """The tasks the final model is still to be scored on: those without a score and, if the model is at
+    hand, those scored before per-question outcomes were recorded (``correct``, for the paired comparison).
+    A run known only from a committed report keeps its score."""
+    return [
+        t for t in tasks if t not in record["scores"] or (at_hand and "correct" not in record["scores"][t])
+    ]
+
+
+def _curve_finished(record: dict, tasks: list[str], curve_steps: list[int]) -> bool:
     steps = record.get("steps")
     return all(
         all(t in record["curve"].get(str(s), {}) for t in tasks)
@@ -169,6 +184,13 @@ def write_report(config: CompareConfig, report: GridReport, failures: list[dict]
     note = stderr_note(results, tasks)
     if note:
         tables += "\n\n" + note
+    paired = paired_table(results, tasks, config.baseline) if config.baseline else ""
+    if paired:
+        tables += (
+            f"\n\nEach method against {config.baseline}, question by question (per question, the outcome "
+            "averaged over seeds; the standard error is over the questions, the seeds' spread is the ± "
+            "above)\n\n" + paired
+        )
     curves = curve_tables(config, report)
     if curves:
         tables += "\n\n" + curves
