@@ -281,3 +281,31 @@ def test_runs_scored_before_outcomes_were_recorded_are_scored_again_only_when_at
     assert again["results"]["bitune"][1]["arc_easy"] == scores  # the same score, with its outcomes
     assert "correct" not in again["results"]["bitune"][2]["arc_easy"]
     assert "| bitune | arc_easy | 1 vs 2 | " in (tmp_path / "grid" / "results.md").read_text()
+
+
+def test_a_run_interrupted_between_curve_points_scores_only_the_missing_point(tmp_path, monkeypatch):
+    config = grid_config(tmp_path, methods={"bitune": {}})
+    config.seeds = [1]
+    config.evaluation.curve_steps = [0, 2]
+    first = run_grid(config)["results"]
+    for path in (config.report_path / "results.json", config.run_dir("bitune", 1) / "record.json"):
+        saved = json.loads(path.read_text())
+        run = saved["runs"]["bitune/seed1"] if "runs" in saved else saved
+        del run["curve"]["2"]  # stopped while scoring the snapshot after 2 updates
+        path.write_text(json.dumps(saved))
+
+    import bitune.evaluation.runner
+
+    real = bitune.evaluation.runner.evaluate_target
+    calls = []
+    monkeypatch.setattr(
+        bitune.evaluation.runner,
+        "evaluate_target",
+        lambda target, *a, **k: calls.append(target) or real(target, *a, **k),
+    )
+    again = run_grid(config)
+    assert not again["failures"] and again["results"] == first
+    assert calls == [str(config.run_dir("bitune", 1) / "snapshots" / "step-2")]
+    assert (
+        "2" in json.loads((config.report_path / "results.json").read_text())["runs"]["bitune/seed1"]["curve"]
+    )

@@ -90,6 +90,8 @@ def run_one(config: CompareConfig, report: GridReport, task: str, method: str, s
         run_dir.mkdir(parents=True, exist_ok=True)
 
     def score(model: str, todo: list[str], into: dict) -> None:
+        if not todo:
+            return
         began = time.perf_counter()
         e = config.evaluation
         into.update(evaluation.evaluate_target(model, todo, e.source, limit=e.limit, batch_size=e.batch_size))
