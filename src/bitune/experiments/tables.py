@@ -43,16 +43,11 @@ def results_of(config: CompareConfig, report: GridReport) -> dict[str, dict[int,
 def curve_points(config: CompareConfig, report: GridReport, task: str, eval_task: str) -> dict[str, dict]:
     """method -> step -> [score of each seed] on ``eval_task`` for the grid task ``task``. The pretrained
     model (not trained) has its one score at every step of the curve."""
-    final_steps = {
-        run.get("steps")
-        for _, method, seed in config.runs()
-        if config.is_trained(method) and (run := report.runs.get(run_key(task, method, seed)))
-    }
+    runs = [(method, run) for run_task, method, _, run in recorded(config, report) if run_task == task]
+    final_steps = {run.get("steps") for method, run in runs if config.is_trained(method)}
     steps = sorted(set(config.evaluation.curve_steps) | (final_steps - {None}))
     points: dict[str, dict[int, list[float]]] = {}
-    for run_task, method, _, run in recorded(config, report):
-        if run_task != task:
-            continue
+    for method, run in runs:
         if not config.is_trained(method):
             if eval_task in run.get("scores", {}):
                 for step in steps:
