@@ -60,7 +60,8 @@ def paired_table(results: dict[str, dict[int, dict]], tasks: list[str], baseline
     Per question, each method's outcome is averaged over its seeds; the difference of the two averages,
     averaged over the questions, is the difference of the mean scores, and its standard error is the
     spread of the per-question differences over sqrt(questions). Pairing removes what the questions'
-    difficulty adds to both scores, so this standard error is much smaller than that of two unpaired scores.
+    difficulty adds to both scores: the more the two methods agree question by question, the smaller this
+    standard error is against that of two unpaired scores.
     It measures the uncertainty from the questions drawn, not from the seeds (that is the ± of the table).
     Only runs whose scores carry per-question outcomes (``correct``) on the same questions are used.
     """

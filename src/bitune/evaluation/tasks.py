@@ -46,7 +46,7 @@ def summarize(results: dict, tasks: list[str], source: str = "packaged") -> dict
 
 def question_outcomes(samples: list[dict], metric: str) -> dict[str, str]:
     """Which questions a model got right, for comparing two models question by question (a paired
-    comparison is far tighter than comparing two scores): ``correct``, one "1" or "0" per question in the
+    comparison is tighter than comparing two scores): ``correct``, one "1" or "0" per question in the
     task's order, and ``questions``, a digest of the questions themselves, so that only runs scored on the
     same questions are paired. Empty if lm-eval logged no samples or the metric is not right/wrong."""
     name, filter_name = metric.split(",")
