@@ -282,6 +282,13 @@ def test_runs_scored_before_outcomes_were_recorded_are_scored_again_only_when_at
     assert "correct" not in again["results"]["bitune"][2]["arc_easy"]
     assert "| bitune | arc_easy | 1 vs 2 | " in (tmp_path / "grid" / "results.md").read_text()
 
+    report = json.loads(path.read_text())  # an older report beside the run directory scored again
+    del report["runs"]["bitune/seed1"]["scores"]["arc_easy"]["correct"]
+    path.write_text(json.dumps(report))
+    calls.clear()
+    assert run_grid(config, report_only=True)["results"]["bitune"][1]["arc_easy"] == scores
+    assert run_grid(config)["results"]["bitune"][1]["arc_easy"] == scores and calls == []
+
 
 def test_a_run_interrupted_between_curve_points_scores_only_the_missing_point(tmp_path, monkeypatch):
     config = grid_config(tmp_path, methods={"bitune": {}})

@@ -134,7 +134,7 @@ def run_one(config: CompareConfig, report: GridReport, task: str, method: str, s
 
 def _known_record(config: CompareConfig, report: GridReport, task: str, method: str, seed: int) -> dict:
     """What is known of a run: the report's record joined with what its run directory holds (same
-    fingerprint only)."""
+    fingerprint only; the report's wins)."""
     fingerprint = config.fingerprint(method, seed, task)
     recorded = report.reusable(run_key(task, method, seed), fingerprint)
     record = {"fingerprint": fingerprint, "scores": {}, "curve": {}}
@@ -145,13 +145,21 @@ def _known_record(config: CompareConfig, report: GridReport, task: str, method: 
             continue
         for name, value in source.items():
             if name == "scores":
-                record["scores"].update(value)
+                _merge_scores(record["scores"], value)
             elif name == "curve":
                 for step, scores in value.items():
-                    record["curve"].setdefault(step, {}).update(scores)
+                    _merge_scores(record["curve"].setdefault(step, {}), scores)
             elif name != "fingerprint":
                 record[name] = value
     return record
+
+
+def _merge_scores(into: dict, scores: dict) -> None:
+    """Task -> score from ``scores`` into ``into``, except that a score without per-question outcomes does
+    not replace one with them (the run directory's record, scored again, is then newer than the report)."""
+    for task, score in scores.items():
+        if "correct" in score or "correct" not in into.get(task, {}):
+            into[task] = score
 
 
 def _unscored(record: dict, tasks: list[str], at_hand: bool) -> list[str]:
