@@ -68,6 +68,20 @@ def forget(config, method: str, seed: int) -> None:
     path.write_text(json.dumps(report))
 
 
+def record_evaluations(monkeypatch) -> list[str]:
+    """The targets scored from now on (each is still scored)."""
+    import bitune.evaluation.runner
+
+    real = bitune.evaluation.runner.evaluate_target
+    calls = []
+    monkeypatch.setattr(
+        bitune.evaluation.runner,
+        "evaluate_target",
+        lambda target, *a, **k: calls.append(target) or real(target, *a, **k),
+    )
+    return calls
+
+
 def test_grid_resumes_and_isolates_failures(tmp_path, monkeypatch):
     config = grid_config(tmp_path, methods={"lora": {"bitune.variant": "lora"}, "bitune": {}})
     run_grid(config)
@@ -260,8 +274,6 @@ def test_runs_scored_before_outcomes_were_recorded_are_scored_again_only_when_at
 
     import shutil
 
-    import bitune.evaluation.runner
-
     path = config.report_path / "results.json"
     report = json.loads(path.read_text())
     for seed in (1, 2):  # as recorded before per-question outcomes existed
@@ -269,13 +281,7 @@ def test_runs_scored_before_outcomes_were_recorded_are_scored_again_only_when_at
         (config.run_dir("bitune", seed) / "record.json").unlink()
     path.write_text(json.dumps(report))
     shutil.rmtree(config.run_dir("bitune", 2))  # known only from the report: its score stays as it is
-    real = bitune.evaluation.runner.evaluate_target
-    calls = []
-    monkeypatch.setattr(
-        bitune.evaluation.runner,
-        "evaluate_target",
-        lambda target, *a, **k: calls.append(target) or real(target, *a, **k),
-    )
+    calls = record_evaluations(monkeypatch)
     again = run_grid(config)
     assert calls == [str(config.run_dir("bitune", 1))]
     assert again["results"]["bitune"][1]["arc_easy"] == scores  # the same score, with its outcomes
@@ -300,16 +306,7 @@ def test_a_run_interrupted_between_curve_points_scores_only_the_missing_point(tm
         run = saved["runs"]["bitune/seed1"] if "runs" in saved else saved
         del run["curve"]["2"]  # stopped while scoring the snapshot after 2 updates
         path.write_text(json.dumps(saved))
-
-    import bitune.evaluation.runner
-
-    real = bitune.evaluation.runner.evaluate_target
-    calls = []
-    monkeypatch.setattr(
-        bitune.evaluation.runner,
-        "evaluate_target",
-        lambda target, *a, **k: calls.append(target) or real(target, *a, **k),
-    )
+    calls = record_evaluations(monkeypatch)
     again = run_grid(config)
     assert not again["failures"] and again["results"] == first
     assert calls == [str(config.run_dir("bitune", 1) / "snapshots" / "step-2")]
