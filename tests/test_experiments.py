@@ -289,10 +289,15 @@ def test_runs_scored_before_outcomes_were_recorded_are_scored_again_only_when_at
     assert "| bitune | arc_easy | 1 vs 2 | " in (tmp_path / "grid" / "results.md").read_text()
 
     report = json.loads(path.read_text())  # an older report beside the run directory scored again
-    del report["runs"]["bitune/seed1"]["scores"]["arc_easy"]["correct"]
+    local = json.loads((config.run_dir("bitune", 1) / "record.json").read_text())
+    older = report["runs"]["bitune/seed1"]
+    del older["scores"]["arc_easy"]["correct"]
+    older.update(commits=["0ld"], seconds={"train": local["seconds"]["train"], "eval": 0.0})
     path.write_text(json.dumps(report))
     calls.clear()
     assert run_grid(config, report_only=True)["results"]["bitune"][1]["arc_easy"] == scores
+    joined = json.loads(path.read_text())["runs"]["bitune/seed1"]
+    assert joined["commits"] == [*local["commits"], "0ld"] and joined["seconds"] == local["seconds"]
     assert run_grid(config)["results"]["bitune"][1]["arc_easy"] == scores and calls == []
 
 

@@ -134,7 +134,9 @@ def run_one(config: CompareConfig, report: GridReport, task: str, method: str, s
 
 def _known_record(config: CompareConfig, report: GridReport, task: str, method: str, seed: int) -> dict:
     """What is known of a run: the report's record joined with what its run directory holds (same
-    fingerprint only; the report's wins)."""
+    fingerprint only). Where they differ the report's wins, except that the history (commits, commands,
+    wall times) keeps the longer of the two and a score keeps its per-question outcomes: the run directory
+    may be newer than the report, e.g. when the report was committed from another folder."""
     fingerprint = config.fingerprint(method, seed, task)
     recorded = report.reusable(run_key(task, method, seed), fingerprint)
     record = {"fingerprint": fingerprint, "scores": {}, "curve": {}}
@@ -149,6 +151,11 @@ def _known_record(config: CompareConfig, report: GridReport, task: str, method: 
             elif name == "curve":
                 for step, scores in value.items():
                     _merge_scores(record["curve"].setdefault(step, {}), scores)
+            elif name in ("commits", "commands"):  # the history of both, in order
+                record[name] = [*record.get(name, []), *(v for v in value if v not in record.get(name, []))]
+            elif name == "seconds":  # wall times only grow: the larger is the later
+                seconds = record.setdefault("seconds", {})
+                seconds.update({k: max(v, seconds.get(k, 0.0)) for k, v in value.items()})
             elif name != "fingerprint":
                 record[name] = value
     return record
