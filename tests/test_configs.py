@@ -3,7 +3,9 @@ configs are what their generator writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import itertools
 from pathlib import Path
 
 import pytest
@@ -72,7 +74,15 @@ def test_replication_configs_validate_and_say_how_to_run(path):
 def test_evidence_configs_follow_the_papers_recipe_and_say_how_to_run(path):
     config = load_compare_config(path)
     assert path.read_text().startswith(f"# bitune compare configs/evidence/{path.name} ")
-    assert config.seeds == [42, 43, 44] and config.report_dir == f"results/evidence/{path.stem}"
+    if config.report_dir == f"results/evidence/{path.stem}":
+        assert config.seeds == [42, 43, 44]
+    else:  # part of another grid, run first: its runs must be that grid's runs
+        grid = load_compare_config(CONFIGS / "evidence" / f"{Path(config.report_dir).name}.yaml")
+        assert set(config.seeds) < set(grid.seeds) and set(config.methods) < set(grid.methods)
+        scoring = dataclasses.replace(config.evaluation, baseline=grid.evaluation.baseline)  # a subset's own
+        assert (config.output_dir, config.tasks, scoring) == (grid.output_dir, grid.tasks, grid.evaluation)
+        for run in itertools.product(config.methods, config.seeds, config.tasks):
+            assert config.run_config(*run) == grid.run_config(*run)
     assert config.evaluation.limit is None or config.evaluation.limit >= 500
     for task in config.tasks:
         for method in config.methods:
