@@ -4,7 +4,7 @@
     python benchmarks/answer_loss.py --rows 256 --repeats 9
 
 ``full`` is what a causal LM does (logits = head(hidden), fp32 cross-entropy, autograd through both);
-``chunk=N`` is `bitune.loss.linear_cross_entropy` with N logits (rows x vocabulary) at a time, which holds
+``chunk=N`` is `bitune.method.loss.linear_cross_entropy` with N logits (rows x vocabulary) at a time, which holds
 one chunk of logits instead of the logits, their log-softmax and their gradient. The head's weight is
 random with each shape's size (SmolLM2-135M: 49152 x 576, Gemma-3-270M: 262144 x 640), frozen as in
 fine-tuning. Calls are interleaved and medians taken.
@@ -19,7 +19,7 @@ import time
 import torch
 from torch import nn
 
-from bitune.loss import CHUNK_ELEMENTS, answer_loss, linear_cross_entropy
+from bitune.method.loss import CHUNK_ELEMENTS, answer_loss, linear_cross_entropy
 
 HEADS = {"smollm2-135m": (576, 49152), "gemma-3-270m": (640, 262144)}
 

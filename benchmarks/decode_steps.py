@@ -15,8 +15,8 @@ import time
 import torch
 
 from bitune import BituneConfig, get_bitune_model
-from bitune.config import CAUSAL_ADAPTER
-from bitune.hub import load_model
+from bitune.method.config import CAUSAL_ADAPTER
+from bitune.references import load_model
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for batch_size in args.batch_sizes:
         plain_s = step_seconds(plain, batch_size, args.steps)
-        with bitune.adapters.use(CAUSAL_ADAPTER):
+        with bitune.method.adapters.use(CAUSAL_ADAPTER):
             bitune_s = step_seconds(bitune.base_model, batch_size, args.steps)
         print(
             f"| {batch_size} | {plain_s * 1000:.1f} | {bitune_s * 1000:.1f} | {bitune_s / plain_s:.2f} | "

@@ -22,7 +22,7 @@ from lm_eval.tasks import TaskManager
 
 from bitune import BituneConfig, get_bitune_model
 from bitune.evaluation.harness import TASKS_DIR, BituneLM
-from bitune.hub import load_model, packaged_model_path
+from bitune.references import load_model, packaged_model_path
 
 
 def main() -> None:

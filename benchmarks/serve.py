@@ -57,7 +57,7 @@ def questions(count: int) -> list[str]:
 def untrained_run(folder: Path) -> Path:
     from bitune import BituneConfig, get_bitune_model
     from bitune.data import PromptFormat
-    from bitune.hub import load_model
+    from bitune.references import load_model
 
     base, tokenizer = load_model("smollm2-135m-instruct")
     get_bitune_model(base, BituneConfig()).save_pretrained(folder)
@@ -204,7 +204,7 @@ def main() -> None:
     if not args.no_baseline:
         from transformers import AutoTokenizer
 
-        from bitune.hub import packaged_model_path
+        from bitune.references import packaged_model_path
 
         path = str(packaged_model_path("smollm2-135m-instruct"))
         tokenizer = AutoTokenizer.from_pretrained(path)

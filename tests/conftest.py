@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from bitune import BituneConfig, get_bitune_model
-from bitune.adapters import adapter_parameters
+from bitune.method.adapters import adapter_parameters
 
 VOCAB = 96
 PAD, BOS, EOS = 0, 1, 2
@@ -195,3 +196,32 @@ def write_run_config(directory, name: str = "run", **training):
     path = directory / f"{name}.yaml"
     path.write_text(json.dumps(config))
     return path
+
+
+def grid_config(tmp_path, methods=None):
+    """A compare config of a pretrained, a LoRA and a Bitune method over two seeds on a tiny model."""
+    from bitune.experiments import load_compare_config
+
+    model_dir, data_file = tiny_run_files(tmp_path)
+    config = {
+        "output_dir": str(tmp_path / "grid"),
+        "run": {
+            "model": {"name": str(model_dir)},
+            "data": {"train": str(data_file), "max_length": 64},
+            "training": {
+                "max_steps": 4,
+                "batch_size": 4,
+                "gradient_accumulation_steps": 1,
+                "learning_rate": 0.01,
+                "save_steps": 2,
+                "logging_steps": 2,
+                "report_to": ["none"],
+            },
+        },
+        "methods": methods or {"pretrained": None, "lora": {"bitune.variant": "lora"}, "bitune": {}},
+        "seeds": [1, 2],
+        "evaluation": {"tasks": ["arc_easy"], "limit": 6, "batch_size": 3},
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(json.dumps(config))
+    return load_compare_config(path)

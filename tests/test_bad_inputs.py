@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 from bitune import BituneConfig, BituneModel, get_bitune_model
 from bitune.cli import main
 from bitune.data import load_examples
-from bitune.hub import load_model
-from bitune.run_config import load_run_config
+from bitune.references import load_model
+from bitune.training.run_config import load_run_config
 
 from conftest import tiny_model, tiny_run_files
 

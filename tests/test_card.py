@@ -12,10 +12,10 @@ import yaml
 from bitune import BituneModel
 from bitune.card import push_files, write_model_card
 from bitune.cli import main
-from bitune.hub import load_model
 from bitune.inference import generate_text, load_for_inference
-from bitune.run_config import load_run_config
-from bitune.training import train
+from bitune.references import load_model, resolve_run
+from bitune.training.run_config import load_run_config
+from bitune.training.trainer import train
 
 from conftest import tiny_run_files
 
@@ -110,7 +110,9 @@ def test_a_published_run_is_used_by_its_hub_id_offline(run_dir, tmp_path, monkey
 
     base_reference = json.loads((run_dir / "bitune_config.json").read_text())["base_model_name_or_path"]
     base, _ = load_model(base_reference)
-    model = BituneModel.from_pretrained(base, "someone/tiny-bitune")
+    with pytest.raises(FileNotFoundError, match="resolve_run"):  # the method reads local folders only
+        BituneModel.from_pretrained(base, "someone/tiny-bitune")
+    model = BituneModel.from_pretrained(base, resolve_run("someone/tiny-bitune"))
     assert (
         model.mixing_ratios()
         == BituneModel.from_pretrained(load_model(base_reference)[0], run_dir).mixing_ratios()

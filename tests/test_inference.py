@@ -14,8 +14,8 @@ import torch
 from bitune.cli import main
 from bitune.data import PromptFormat
 from bitune.inference import ChatSession, generate_text, load_for_inference, prompt_ids, request_messages
-from bitune.run_config import load_run_config
-from bitune.training import train
+from bitune.training.run_config import load_run_config
+from bitune.training.trainer import train
 
 from conftest import char_tokenizer, tiny_run_files
 

@@ -25,8 +25,8 @@ import torch
 from bitune import BituneModel
 from bitune.data import BituneCollator
 from bitune.experiments.config import load_compare_config
-from bitune.hub import load_model
-from bitune.training import training_data
+from bitune.references import load_model
+from bitune.training.trainer import training_data
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "evidence" / "arc_challenge.yaml"

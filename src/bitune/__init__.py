@@ -6,19 +6,9 @@ loss = model(input_ids, attention_mask, labels=labels).loss  # labels -100 on th
 out = model.generate(prompt_ids, attention_mask, max_new_tokens=64)
 """
 
-from .batching import left_pad
-from .config import VARIANTS, BituneConfig, default_peft_config
-from .mixing import KVMixing
-from .model import BituneCausalLMOutput, BituneModel, get_bitune_model
+from . import moved
+from .method import *  # noqa: F403  (the public API)
+from .method import __all__ as __all__
 
-__all__ = [
-    "VARIANTS",
-    "BituneCausalLMOutput",
-    "BituneConfig",
-    "BituneModel",
-    "KVMixing",
-    "default_peft_config",
-    "get_bitune_model",
-    "left_pad",
-]
+moved.install()  # old paths (bitune.model, bitune.config, bitune.hub, ...) still import, with a warning
 __version__ = "0.1.0"

@@ -17,9 +17,10 @@ from huggingface_hub import ModelCard, ModelCardData
 from omegaconf import OmegaConf
 
 from .data import PromptFormat
-from .hub import PACKAGED_MODELS
 from .layout import EVAL_DIR, RUN_CONFIG
-from .saving import MIXING_NAME, read_bitune_config
+from .method.mixing import mixing_ratio
+from .method.saving import MIXING_NAME, read_bitune_config
+from .references import PACKAGED_MODELS, is_hub_id
 
 CARD_NAME = "README.md"
 
@@ -32,10 +33,7 @@ def mixing_ratios(directory: str | Path, theta_init: float) -> dict[str, list[fl
     from safetensors.torch import load_file
 
     thetas = load_file(str(path))
-    return {
-        kind: [abs(t) / (theta_init + abs(t)) for t in thetas[f"theta_{kind}"].tolist()]
-        for kind in ("k", "v")
-    }
+    return {kind: mixing_ratio(thetas[f"theta_{kind}"], theta_init).tolist() for kind in ("k", "v")}
 
 
 def write_model_card(run_dir: str | Path) -> Path:
@@ -49,7 +47,7 @@ def write_model_card(run_dir: str | Path) -> Path:
     fmt = PromptFormat.load(run_dir) or PromptFormat("paper")
     peft = method.get("peft_config", {})
     tags = ["bitune", "peft", str(peft.get("peft_type", "")).lower(), method["variant"], "text-generation"]
-    hub_base = packaged.hub_id if packaged else (base if _is_hub_id(base) else None)
+    hub_base = packaged.hub_id if packaged else (base if is_hub_id(base) else None)
     data = ModelCardData(
         base_model=hub_base,
         library_name="bitune",
@@ -68,14 +66,6 @@ def write_model_card(run_dir: str | Path) -> Path:
     path = run_dir / CARD_NAME
     card.save(str(path))
     return path
-
-
-def _is_hub_id(reference: str) -> bool:
-    return (
-        reference.count("/") == 1
-        and not reference.startswith((".", "/", "~"))
-        and not Path(reference).exists()
-    )
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -158,10 +148,10 @@ bitune serve {name} --port 8000         # OpenAI-compatible API
 
 ```python
 from bitune import BituneModel
-from bitune.hub import load_model
+from bitune.references import load_model, resolve_run
 
 base, tokenizer = load_model("{base}")
-model = BituneModel.from_pretrained(base, "{name}")
+model = BituneModel.from_pretrained(base, resolve_run("{name}"))  # a hub id is downloaded first
 ```"""
 
 

@@ -24,8 +24,8 @@ from .errors import INPUT_ERRORS
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .run_config import load_run_config
-    from .training import train
+    from .training.run_config import load_run_config
+    from .training.trainer import train
 
     config = load_run_config(args.config, args.overrides)
     print(f"trained model in {train(config, resume=args.resume, allow_changes=args.allow_change)}")

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-
-class PackageMissingError(RuntimeError):
-    """A packaged model or dataset was asked for but its package is not installed."""
-
+from .packages import PackageMissingError
 
 INPUT_ERRORS = (
     ValueError,

@@ -1,6 +1,6 @@
 """Using a model: load a trained run (or a checkpoint, a snapshot, a base model) with the prompt format it
 was trained with, write prompts from messages, and generate answers. `bitune generate`, `bitune chat`
-and the server (serving.py) all go through here, so they prompt a run exactly as training did.
+and the server (bitune.serving) all go through here, so they prompt a run exactly as training did.
 
     loaded = load_for_inference("runs/chat")                 # or "smollm2-135m-instruct": untrained, causal
     print(generate_text(loaded, [{"role": "user", "content": "Hi!"}], max_new_tokens=64))
@@ -19,15 +19,15 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase, set_seed
 
-from .config import BituneConfig
 from .data import PromptFormat, has_chat_template
-from .data.chat import normalize_messages
-from .hub import load_model, resolve_run
+from .data.chat import Message, normalize_messages
 from .layout import is_model_dir
-from .model import BituneModel, get_bitune_model
-from .saving import read_bitune_config
+from .method.config import BituneConfig
+from .method.model import BituneModel, get_bitune_model
+from .method.saving import read_bitune_config
+from .references import load_model, resolve_run
 
-Messages = list[dict[str, str]]
+Messages = list[Message]
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Where things are in a run directory; the one place that knows its layout.
 
     RUN/
-      bitune_config.json, causal/, bidir/, mixing.safetensors    the trained model (saving.py)
-      run_config.yaml                                             what ran (run_config.py), resolved
+      bitune_config.json, causal/, bidir/, mixing.safetensors    the trained model (method/saving.py)
+      run_config.yaml                                             what ran (training/run_config.py), resolved
       trainer_state.json                                          the Trainer's state: steps trained, log history
       log.jsonl, log.csv, runs/                                   training logs (TensorBoard under runs/)
       checkpoint-N/                                               the model + optimizer, scheduler, RNG, data position
@@ -20,7 +20,9 @@ import json
 import shutil
 from pathlib import Path
 
-MODEL_CONFIG = "bitune_config.json"
+from .method.saving import CONFIG_NAME
+
+MODEL_CONFIG = CONFIG_NAME  # the saved model's config: saving.py owns the files of a saved model
 RUN_CONFIG = "run_config.yaml"
 TRAINER_STATE = "trainer_state.json"
 LOG_JSONL = "log.jsonl"

@@ -6,8 +6,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from bitune.batching import prompt_lengths_from_labels
 from bitune.data import BituneCollator, Instruction, build_rows, tokenize_pair
+from bitune.method.batching import prompt_lengths_from_labels
 
 
 def word_tokenizer(bos: bool) -> PreTrainedTokenizerFast:

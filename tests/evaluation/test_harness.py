@@ -16,7 +16,7 @@ from lm_eval.models.huggingface import HFLM
 from bitune import BituneConfig, get_bitune_model
 from bitune.evaluation import ContinuationRequest, score_continuations
 from bitune.evaluation.harness import BituneLM
-from bitune.hub import load_model
+from bitune.references import load_model
 
 from conftest import bitune_pair, char_tokenizer, randomize_adapters, tiny_model, zero_thetas
 

@@ -12,9 +12,9 @@ from bitune import BituneConfig, get_bitune_model
 from bitune.cli import main
 from bitune.evaluation import harness
 from bitune.evaluation.runner import default_report_dir, evaluate_target
-from bitune.hub import load_model
-from bitune.run_config import load_run_config
-from bitune.training import train
+from bitune.references import load_model
+from bitune.training.run_config import load_run_config
+from bitune.training.trainer import train
 
 from conftest import char_tokenizer, tiny_model, tiny_run_files
 

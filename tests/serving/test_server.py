@@ -21,19 +21,9 @@ import torch
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from bitune import BituneConfig, get_bitune_model  # noqa: E402
-from bitune.data import PromptFormat  # noqa: E402
-from bitune.hub import load_model  # noqa: E402
 from bitune.inference import generate_text, load_for_inference, prompt_ids  # noqa: E402
 from bitune.serving.app import create_app  # noqa: E402
-from bitune.serving.engine import BatchingEngine, GenerationRequest  # noqa: E402
 
-from conftest import char_tokenizer, randomize_adapters, tiny_model  # noqa: E402
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}|{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
 PROMPTS = ["abc", "hello there", "xyz xyz", "a", "the quick brown fox", "mnop", "qq", "rst uvw"]
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,24 +32,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A tiny Bitune run (random adapters, thetas moved off their init) with a chat template."""
-    root = tmp_path_factory.mktemp("serve")
-    tiny_model("llama").save_pretrained(root / "base")
-    tokenizer = char_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(root / "base")
-    base, tokenizer = load_model(str(root / "base"))
-    model = get_bitune_model(base, BituneConfig())
-    randomize_adapters(model, std=0.2)
-    with torch.no_grad():
-        model.mixing.theta_k.copy_(torch.tensor([0.02, 0.005, 0.03]))
-    model.save_pretrained(root / "run")
-    PromptFormat.for_tokenizer("chat", tokenizer).save(root / "run")
-    return root / "run"
 
 
 class Server:
@@ -170,61 +142,6 @@ def test_requests_batched_together_answer_exactly_as_served_alone(served):
     assert together == alone
     for prompt in PROMPTS[:3]:  # and both equal BituneModel.generate
         assert alone[prompt] == generate_text(loaded, [{"role": "user", "content": prompt}], max_new_tokens=8)
-
-
-def test_requests_that_join_a_decoding_batch_answer_as_served_alone(served):
-    """Continuous batching: requests arriving mid-decode are prefilled and merged into the running batch
-    (caches of other lengths, one of them empty: a one-token prompt) and still decode exactly as alone."""
-    _, _, loaded, _ = served
-    tokenizer = loaded.tokenizer
-    prompts = {
-        "long": prompt_ids(loaded, [{"role": "user", "content": "the quick brown fox jumps"}]),
-        "short": prompt_ids(loaded, [{"role": "user", "content": "hi"}]),
-        "one token": tokenizer("q", add_special_tokens=False)["input_ids"][:1],
-    }
-    engine = BatchingEngine(loaded, max_batch_size=4, max_wait_ms=0)
-    engine.start()
-
-    def run(names: list[str], join_on_first_text: bool) -> dict[str, str]:
-        done, texts = threading.Event(), {}
-
-        def finished(name):
-            def record(completion):
-                texts[name] = completion.text
-                if len(texts) == len(names):
-                    done.set()
-
-            return record
-
-        requests = {n: GenerationRequest(list(prompts[n]), max_tokens=12, on_done=finished(n)) for n in names}
-        if join_on_first_text:  # the others arrive while the first request is decoding (engine thread)
-            first, *others = names
-            sent = []
-
-            def submit_others(text):
-                if not sent:
-                    sent.append(True)
-                    for name in others:
-                        engine.submit(requests[name])
-
-            requests[first].on_text = submit_others
-            engine.submit(requests[first])
-        else:
-            for name in names:
-                engine.submit(requests[name])
-        assert done.wait(60)
-        return texts
-
-    try:
-        alone = {name: run([name], False)[name] for name in prompts}
-        before = (engine.joined, len(engine.batch_sizes))
-        together = run(["long", "short", "one token"], True)
-        assert (engine.joined - before[0], len(engine.batch_sizes) - before[1]) == (2, 1)
-    finally:
-        engine.stop()
-    assert together == alone
-    messages = [{"role": "user", "content": "hi"}]
-    assert alone["short"] == generate_text(loaded, messages, max_new_tokens=12)
 
 
 def test_stop_strings_max_tokens_n_and_seeds(served):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from transformers import PreTrainedTokenizerBase
 
@@ -35,11 +35,19 @@ ROLES = ("system", "user", "assistant")
 PROMPT_FORMAT_NAME = "prompt_format.json"
 
 
+class Message(TypedDict):
+    """One message of a conversation, as chat templates and the OpenAI API write it. The one shape that
+    data, inference, serving and TRL pass around (room for more keys, e.g. tool calls, later)."""
+
+    role: str  # one of ROLES
+    content: str
+
+
 @dataclass(frozen=True)
 class Conversation:
-    """Messages ``{"role": system|user|assistant, "content": str}`` in order, ending with an assistant turn."""
+    """Messages in order, ending with an assistant turn."""
 
-    messages: tuple[dict[str, str], ...]
+    messages: tuple[Message, ...]
     id: str | None = None
 
     def __post_init__(self) -> None:
@@ -55,8 +63,9 @@ class Conversation:
         return len(self.assistant_turns) == 1 and sum(m["role"] == "user" for m in self.messages) == 1
 
 
-def normalize_messages(messages: Any) -> tuple[dict[str, str], ...]:
-    """Messages as plain ``{"role", "content"}`` dicts; raises ValueError naming what is wrong."""
+def normalize_messages(messages: Any) -> tuple[Message, ...]:
+    """Messages as plain `Message` dicts (only ``role`` and ``content``); raises ValueError naming what is
+    wrong."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages are not a non-empty list")
     normalized = []
@@ -70,7 +79,7 @@ def normalize_messages(messages: Any) -> tuple[dict[str, str], ...]:
             message["content"].encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError("a message is not valid Unicode text (a lone surrogate)") from None
-        normalized.append({"role": role, "content": message["content"]})
+        normalized.append(Message(role=role, content=message["content"]))
     if not any(m["role"] == "user" and m["content"].strip() for m in normalized):
         raise ValueError("no non-empty user message")
     if any(m["role"] == "assistant" and not m["content"].strip() for m in normalized):
@@ -163,7 +172,7 @@ class PromptFormat:
             raise ValueError("the chat template does not render the history as a prefix of the conversation")
         return history, full[len(history) :]
 
-    def render(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    def render(self, tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:
         """The prompt text that asks for the next assistant turn after ``messages`` (inference and training)."""
         if self.template == "chat":
             return tokenizer.apply_chat_template(

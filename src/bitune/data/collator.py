@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..batching import IGNORE_INDEX
+from ..method.batching import IGNORE_INDEX
 from .chat import Conversation, PromptFormat
 from .report import DataReport
 from .templates import ChoiceTemplate, Instruction, MultipleChoice, render_instruction

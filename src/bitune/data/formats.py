@@ -24,17 +24,17 @@ A conversation must end with an assistant message; which of its turns train is t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..hub import require_package
+from ..packages import require_package
+from ..references import is_hub_id
 from .chat import Conversation, normalize_messages
 from .report import DataReport
 from .templates import Instruction
 
-FORMATS = ("prompt_completion", "alpaca", "messages", "sharegpt", "trl_conversational")
-CONVERSATIONAL = ("messages", "sharegpt", "trl_conversational")
 _COMPLETION_KEYS = ("completion", "response", "output")
 SHAREGPT_ROLES = {
     "system": "system",
@@ -93,7 +93,7 @@ def read_rows(
         raise ValueError(
             f"{path}: unsupported file type {path.suffix!r}; use one of {FILE_TYPES} or a datasets folder"
         )
-    elif "/" in str(source) and not str(source).startswith((".", "/", "~")):
+    elif is_hub_id(str(source)):
         yield from enumerate(_hub_dataset(str(source), split, subset))
     else:
         raise FileNotFoundError(f"data file {path} does not exist")
@@ -140,21 +140,6 @@ def _hub_dataset(name: str, split: str, subset: str | None) -> Iterable[dict]:
         ) from None
 
 
-def detect_format(row: Any) -> str | None:
-    """The format a row is written in, or None if it fits none."""
-    if not isinstance(row, dict):
-        return None
-    if "messages" in row:
-        return "messages"
-    if "conversations" in row:
-        return "sharegpt"
-    if "prompt" in row:
-        return "trl_conversational" if isinstance(row["prompt"], list) else "prompt_completion"
-    if "instruction" in row:
-        return "alpaca"
-    return None
-
-
 def _string(row: dict, key: str) -> str:
     if key not in row or row[key] is None:
         raise ValueError(f"missing field '{key}'")
@@ -175,42 +160,110 @@ def valid_text(value: str, name: str) -> str:
     return value
 
 
+# ------------------------------------------------------------------------------------- the formats
+def _prompt_completion(row: dict) -> Instruction:
+    key = next((k for k in _COMPLETION_KEYS if k in row), "completion")
+    return Instruction(_string(row, "prompt"), _string(row, key))
+
+
+def _alpaca(row: dict) -> Instruction:
+    instruction = _string(row, "instruction")
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise ValueError(f"field 'input' is {type(extra).__name__}, not a string")
+    if extra and extra.strip():
+        instruction = f"{instruction}\n{valid_text(extra, 'input')}"
+    return Instruction(instruction, _string(row, "output"))
+
+
+def _messages(row: dict) -> Conversation:
+    return Conversation(normalize_messages(row.get("messages")))
+
+
+def _sharegpt(row: dict) -> Conversation:
+    turns = row.get("conversations")
+    if not isinstance(turns, list):
+        raise ValueError("field 'conversations' is not a list")
+    if any(not isinstance(t, dict) or not isinstance(t.get("from"), str) or t["from"] not in SHAREGPT_ROLES
+           for t in turns):  # fmt: skip
+        raise ValueError(f"a turn's 'from' is not one of {sorted(SHAREGPT_ROLES)}")
+    return Conversation(
+        normalize_messages([{"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")} for t in turns])
+    )
+
+
+def _trl_conversational(row: dict) -> Conversation:
+    completion = row.get("completion")
+    if not isinstance(completion, list) or len(completion) != 1:
+        raise ValueError("field 'completion' is not a list of one assistant message")
+    if not isinstance(row.get("prompt"), list):
+        raise ValueError("field 'prompt' is not a list of messages")
+    return Conversation(normalize_messages([*row["prompt"], *completion]))
+
+
+def _is_conversation(row: dict) -> bool:
+    return "messages" in row or "conversations" in row
+
+
+@dataclass(frozen=True)
+class Format:
+    """A data format: whether a row is written in it, and the row as an example (raises ValueError naming
+    what is wrong with the row). At most one format detects any row."""
+
+    name: str
+    detect: Callable[[dict], bool]
+    to_example: Callable[[dict], Example]
+    conversational: bool
+
+
+REGISTRY = {
+    f.name: f
+    for f in (
+        Format(
+            "prompt_completion",
+            lambda row: "prompt" in row and not isinstance(row["prompt"], list) and not _is_conversation(row),
+            _prompt_completion,
+            conversational=False,
+        ),
+        Format(
+            "alpaca",
+            lambda row: "instruction" in row and "prompt" not in row and not _is_conversation(row),
+            _alpaca,
+            conversational=False,
+        ),
+        Format("messages", lambda row: "messages" in row, _messages, conversational=True),
+        Format(
+            "sharegpt",
+            lambda row: "conversations" in row and "messages" not in row,
+            _sharegpt,
+            conversational=True,
+        ),
+        Format(
+            "trl_conversational",
+            lambda row: isinstance(row.get("prompt"), list) and not _is_conversation(row),
+            _trl_conversational,
+            conversational=True,
+        ),
+    )
+}
+FORMATS = tuple(REGISTRY)
+CONVERSATIONAL = tuple(name for name, f in REGISTRY.items() if f.conversational)
+
+
+def detect_format(row: Any) -> str | None:
+    """The format a row is written in, or None if it fits none."""
+    if not isinstance(row, dict):
+        return None
+    return next((name for name, f in REGISTRY.items() if f.detect(row)), None)
+
+
 def to_example(row: Any, fmt: str) -> Example:
     """One row as an `Instruction` or a `Conversation`; raises ValueError naming what is wrong with it."""
     if not isinstance(row, dict):
         raise ValueError(f"row is a {type(row).__name__}, not an object")
-    if fmt == "prompt_completion":
-        key = next((k for k in _COMPLETION_KEYS if k in row), "completion")
-        return Instruction(_string(row, "prompt"), _string(row, key))
-    if fmt == "alpaca":
-        instruction = _string(row, "instruction")
-        extra = row.get("input")
-        if extra is not None and not isinstance(extra, str):
-            raise ValueError(f"field 'input' is {type(extra).__name__}, not a string")
-        if extra and extra.strip():
-            instruction = f"{instruction}\n{valid_text(extra, 'input')}"
-        return Instruction(instruction, _string(row, "output"))
-    if fmt == "messages":
-        return Conversation(normalize_messages(row.get("messages")))
-    if fmt == "sharegpt":
-        turns = row.get("conversations")
-        if not isinstance(turns, list):
-            raise ValueError("field 'conversations' is not a list")
-        if any(not isinstance(t, dict) or t.get("from") not in SHAREGPT_ROLES for t in turns):
-            raise ValueError(f"a turn's 'from' is not one of {sorted(SHAREGPT_ROLES)}")
-        return Conversation(
-            normalize_messages(
-                [{"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")} for t in turns]
-            )
-        )
-    if fmt == "trl_conversational":
-        completion = row.get("completion")
-        if not isinstance(completion, list) or len(completion) != 1:
-            raise ValueError("field 'completion' is not a list of one assistant message")
-        if not isinstance(row.get("prompt"), list):
-            raise ValueError("field 'prompt' is not a list of messages")
-        return Conversation(normalize_messages([*row["prompt"], *completion]))
-    raise ValueError(f"unknown format {fmt!r}; known: {FORMATS}")
+    if fmt not in REGISTRY:
+        raise ValueError(f"unknown format {fmt!r}; known: {FORMATS}")
+    return REGISTRY[fmt].to_example(row)
 
 
 def load_examples(

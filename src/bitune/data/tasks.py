@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..hub import require_package
+from ..packages import require_package
 from .normalize import (
     Example,
     arc_row,

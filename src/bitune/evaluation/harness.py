@@ -35,12 +35,12 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from ..config import BituneConfig
 from ..data import PromptFormat
-from ..hub import PACKAGED_MODELS, packaged_model_path, resolve_run
 from ..layout import is_model_dir
-from ..model import BituneModel, get_bitune_model
-from ..saving import read_bitune_config
+from ..method.config import BituneConfig
+from ..method.model import BituneModel, get_bitune_model
+from ..method.saving import read_bitune_config
+from ..references import PACKAGED_MODELS, packaged_model_path, resolve_run
 from .scoring import ContinuationRequest, score_continuations
 from .tasks import DEFAULT_BATCH_SIZE, TASKS_DIR
 

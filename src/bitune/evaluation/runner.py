@@ -17,8 +17,8 @@ from typing import Any
 
 from ..card import write_model_card
 from ..data import PromptFormat
-from ..hub import resolve_run
 from ..layout import EVAL_DIR, is_model_dir
+from ..references import resolve_run
 from .tables import results_table
 from .tasks import DEFAULT_BATCH_SIZE, PAPER_TASKS, TASKS_DIR, lm_eval_task, summarize
 

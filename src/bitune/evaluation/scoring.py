@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..batching import AnswerPass, left_pad
-from ..model import BituneModel
+from ..method.model import BituneModel
 
 
 @dataclass(frozen=True)
@@ -59,14 +58,7 @@ def score_continuations(
 
 def _score_group(model: BituneModel, prompts: list[tuple[int, ...]], requests: list[ContinuationRequest]):
     device = model.device
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = torch.tensor(prompt, device=device)
-        mask[row, : len(prompt)] = 1
-    ids, mask = left_pad(ids, mask)
-    cache = model.prefill(ids, mask)  # over every prompt token but the last
+    cache, _, mask = model.prefill_tokens(prompts)  # over every prompt token but the last
     owner = torch.tensor([prompts.index(r.prompt) for r in requests], device=device)
     cache.batch_select_indices(owner)  # one copy of its prompt's cache per continuation
 
@@ -78,7 +70,7 @@ def _score_group(model: BituneModel, prompts: list[tuple[int, ...]], requests: l
         answer_mask[row, : lengths[row]] = 1
     prompt_lengths = mask.sum(dim=1)[owner]
     positions = prompt_lengths[:, None] - 1 + torch.arange(answer.shape[1], device=device)[None, :]
-    logits = model.answer_logits(AnswerPass(answer, answer_mask, positions, mask[:, :-1][owner]), cache)
+    logits = model.decode(cache, answer, torch.cat([mask[:, :-1][owner], answer_mask], dim=1), positions)
 
     scores = []
     for row, r in enumerate(requests):

@@ -26,26 +26,11 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 
 from ..evaluation.tasks import DEFAULT_BATCH_SIZE, lm_eval_task
-from ..run_config import RunConfig, config_node, to_object
+from ..training.run_config import RunConfig, config_node, to_object
 
 PRETRAINED = None  # a method without overrides: not trained
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ALL = "all"  # the task key of a grid without a task dimension
-
-# Training fields that do not change what a run learns: left out of its fingerprint, so that e.g. more
-# snapshots or another logging interval reuse a finished run. So are fields at their default value, so that
-# a field added to the run config later (with a default that keeps the old behaviour) does not orphan the
-# runs recorded before it.
-_BOOKKEEPING = (
-    "output_dir",
-    "save_steps",
-    "save_total_limit",
-    "snapshot_steps",
-    "logging_steps",
-    "report_to",
-    "dataloader_num_workers",
-    "checkpoint_prompt_passes",
-)
 
 
 @dataclass
@@ -199,11 +184,15 @@ class CompareConfig:
         return to_object(node, f"method {method!r}")
 
     def fingerprint(self, method: str, seed: int, task: str = ALL) -> str:
-        """What a run's scores depend on: its run config without bookkeeping fields, and the evaluation
-        settings. A recorded run with the same fingerprint is reused instead of run again."""
-        run = self.run_config(method, seed, task).to_dict()
-        for name in _BOOKKEEPING:
-            run["training"].pop(name, None)
+        """What a run's scores depend on: its run config without bookkeeping fields
+        (`RunConfig.bookkeeping_fields`) and without fields at their default value (so that a field added
+        later, with a default that keeps the old behaviour, does not orphan the runs recorded before it), and
+        the evaluation settings. A recorded run with the same fingerprint is reused instead of run again."""
+        config = self.run_config(method, seed, task)
+        run = config.to_dict()
+        for name in config.bookkeeping_fields():  # e.g. more snapshots or another logging interval
+            section, key = name.split(".")
+            run[section].pop(key)
         if not self.is_trained(method):
             run = {"model": run["model"]}  # only the model matters when nothing is trained
         run = _without_defaults(run, RunConfig().to_dict())

@@ -13,8 +13,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ..plots import plot_bands, plot_lines, plot_ratio_per_layer
 from .config import ALL, CompareConfig, run_key
+from .plots import plot_bands, plot_lines, plot_ratio_per_layer
 from .record import GridReport
 from .tables import curve_points
 

@@ -18,7 +18,7 @@ from typing import Any
 from ..evaluation import runner as evaluation
 from ..evaluation.tables import paired_table, stderr_note
 from ..layout import LOG_JSONL, RECORD, RUN_CONFIG, is_model_dir, snapshot_dir, trained_steps
-from ..training import train
+from ..training.trainer import train
 from .config import ALL, CompareConfig, run_key
 from .figures import plot_grid
 from .record import GridReport, current_command, source_commit

@@ -2,7 +2,9 @@
 
     bitune serve runs/chat --port 8000                   # or a packaged alias / base model: plain causal
 
-engine.py batches and decodes; app.py is the HTTP API. `serve` runs it with uvicorn until SIGTERM or
+Split as the reference servers are: engine.py batches and decodes (no HTTP), protocol.py holds the typed
+requests, responses and chunks, handlers.py one handler per endpoint, errors.py the OpenAI error bodies, and
+app.py the routes and authentication. `serve` runs it with uvicorn until SIGTERM or
 Ctrl-C, letting requests in flight finish first.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from ..hub import require_package
+from ..packages import require_package
 
 API_KEY_ENV = "BITUNE_API_KEY"
 

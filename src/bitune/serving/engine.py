@@ -32,8 +32,6 @@ import torch
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.cache_utils import DynamicLayer
 
-from ..batching import left_pad
-from ..config import CAUSAL_ADAPTER
 from ..inference import LoadedModel
 
 
@@ -209,41 +207,27 @@ class BatchingEngine:
         self.batch_sizes.append(len(requests))
         model = self.loaded.model
         batch = self._prefill(requests)
-        with model.adapters.use(CAUSAL_ADAPTER):
-            while batch.rows:
-                logits = (
-                    model.base_model(
-                        input_ids=batch.current,
-                        attention_mask=batch.mask,
-                        position_ids=batch.positions,
-                        past_key_values=batch.cache,
-                        use_cache=True,
-                    )
-                    .logits[:, -1]
-                    .float()
-                )
-                chosen = [self._next_token(row, logits[i : i + 1]) for i, row in enumerate(batch.rows)]
-                ended = [self._advance(row, token) for row, token in zip(batch.rows, chosen, strict=True)]
-                batch.step(chosen, ended)
-                room = self.max_batch_size - len(batch.rows)
-                if room > 0 and not self.requests.empty() and batch.can_merge():
-                    joining = self._live(self._take(room, wait=0.0))
-                    if joining:
-                        batch.merge(self._prefill(joining))
-                        self.joined += len(joining)
+        while batch.rows:
+            logits = model.decode(batch.cache, batch.current, batch.mask, batch.positions)[:, -1].float()
+            chosen = [self._next_token(row, logits[i : i + 1]) for i, row in enumerate(batch.rows)]
+            ended = [self._advance(row, token) for row, token in zip(batch.rows, chosen, strict=True)]
+            batch.step(chosen, ended)
+            room = self.max_batch_size - len(batch.rows)
+            if room > 0 and not self.requests.empty() and batch.can_merge():
+                joining = self._live(self._take(room, wait=0.0))
+                if joining:
+                    batch.merge(self._prefill(joining))
+                    self.joined += len(joining)
 
     def _prefill(self, requests: list[GenerationRequest]) -> _Batch:
-        device = self.loaded.model.device
-        width = max(len(r.prompt_ids) for r in requests)
-        ids = torch.zeros((len(requests), width), dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for i, request in enumerate(requests):
-            ids[i, : len(request.prompt_ids)] = torch.tensor(request.prompt_ids, device=device)
-            mask[i, : len(request.prompt_ids)] = 1
-        ids, mask = left_pad(ids, mask)
-        cache = self.loaded.model.prefill(ids, mask)  # over every prompt token but the last
-        positions = mask.sum(dim=1, keepdim=True) - 1  # the last prompt token's position
-        return _Batch([_Row(r) for r in requests], cache, mask, positions, ids[:, -1:])
+        prefilled = self.loaded.model.prefill_tokens([r.prompt_ids for r in requests])
+        return _Batch(
+            [_Row(r) for r in requests],
+            prefilled.cache,
+            prefilled.attention_mask,
+            prefilled.positions,
+            prefilled.input_ids[:, -1:],
+        )
 
     def _next_token(self, row: _Row, logits: torch.Tensor) -> int:
         if not row.warpers:

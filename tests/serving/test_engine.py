@@ -1,0 +1,145 @@
+"""The batching engine without HTTP: continuous batching that changes no answer, seeded sampling, stop
+strings, cancellation and a failed batch that fails only its own requests."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from bitune.inference import generate_text, load_for_inference, prompt_ids
+from bitune.serving.engine import BatchingEngine, Completion, GenerationRequest
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir):
+    return load_for_inference(str(run_dir))
+
+
+@pytest.fixture
+def engine(loaded):
+    engine = BatchingEngine(loaded, max_batch_size=4, max_wait_ms=0)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+def complete(engine: BatchingEngine, *requests: GenerationRequest) -> list[Completion]:
+    """Submit ``requests`` together and wait for every completion."""
+    done: dict[int, Completion] = {}
+    finished = threading.Event()
+
+    def recorder(index):
+        def record(completion):
+            done[index] = completion
+            if len(done) == len(requests):
+                finished.set()
+
+        return record
+
+    for index, request in enumerate(requests):
+        request.on_done = recorder(index)
+        engine.submit(request)
+    assert finished.wait(60)
+    return [done[i] for i in range(len(requests))]
+
+
+def test_a_greedy_request_decodes_as_bitune_model_generate(engine, loaded):
+    messages = [{"role": "user", "content": "hello there"}]
+    (completion,) = complete(engine, GenerationRequest(prompt_ids(loaded, messages), max_tokens=10))
+    assert completion.text == generate_text(loaded, messages, max_new_tokens=10)
+    assert completion.finish_reason in ("length", "stop") and 0 < completion.completion_tokens <= 10
+
+
+def test_stop_strings_cut_the_text_and_seeded_sampling_repeats(engine, loaded):
+    ids = prompt_ids(loaded, [{"role": "user", "content": "abc"}])
+    (whole,) = complete(engine, GenerationRequest(list(ids), max_tokens=12))
+    assert len(whole.text) >= 4
+    stop = whole.text[2:4]
+    (stopped,) = complete(engine, GenerationRequest(list(ids), max_tokens=12, stop=(stop,)))
+    assert stopped.text == whole.text[: whole.text.find(stop)] and stopped.finish_reason == "stop"
+
+    def sampled():
+        generator = torch.Generator().manual_seed(7)
+        request = GenerationRequest(list(ids), max_tokens=8, temperature=1.0, top_p=0.9, generator=generator)
+        return complete(engine, request)[0].text
+
+    assert sampled() == sampled()
+
+
+def test_a_cancelled_request_ends_as_cancelled_and_the_others_decode_on(engine, loaded):
+    ids = prompt_ids(loaded, [{"role": "user", "content": "abc"}])
+    (alone,) = complete(engine, GenerationRequest(list(ids), max_tokens=10))
+    cancelled = GenerationRequest(list(ids), max_tokens=10)
+    cancelled.cancelled.set()
+    gone, kept = complete(engine, cancelled, GenerationRequest(list(ids), max_tokens=10))
+    assert gone.finish_reason == "cancelled" and gone.text == ""
+    assert kept.text == alone.text
+
+
+def test_a_failing_batch_fails_its_requests_and_the_engine_keeps_serving(engine, loaded, monkeypatch):
+    ids = prompt_ids(loaded, [{"role": "user", "content": "abc"}])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loaded.model, "prefill_tokens", broken)
+        (failed,) = complete(engine, GenerationRequest(list(ids), max_tokens=4))
+    assert failed.finish_reason == "error" and "out of memory" in failed.text
+    assert complete(engine, GenerationRequest(list(ids), max_tokens=4))[0].finish_reason in ("length", "stop")
+
+
+def test_requests_that_join_a_decoding_batch_answer_as_served_alone(loaded):
+    """Continuous batching: requests arriving mid-decode are prefilled and merged into the running batch
+    (caches of other lengths, one of them empty: a one-token prompt) and still decode exactly as alone."""
+    tokenizer = loaded.tokenizer
+    prompts = {
+        "long": prompt_ids(loaded, [{"role": "user", "content": "the quick brown fox jumps"}]),
+        "short": prompt_ids(loaded, [{"role": "user", "content": "hi"}]),
+        "one token": tokenizer("q", add_special_tokens=False)["input_ids"][:1],
+    }
+    engine = BatchingEngine(loaded, max_batch_size=4, max_wait_ms=0)
+    engine.start()
+
+    def run(names: list[str], join_on_first_text: bool) -> dict[str, str]:
+        done, texts = threading.Event(), {}
+
+        def finished(name):
+            def record(completion):
+                texts[name] = completion.text
+                if len(texts) == len(names):
+                    done.set()
+
+            return record
+
+        requests = {n: GenerationRequest(list(prompts[n]), max_tokens=12, on_done=finished(n)) for n in names}
+        if join_on_first_text:  # the others arrive while the first request is decoding (engine thread)
+            first, *others = names
+            sent = []
+
+            def submit_others(text):
+                if not sent:
+                    sent.append(True)
+                    for name in others:
+                        engine.submit(requests[name])
+
+            requests[first].on_text = submit_others
+            engine.submit(requests[first])
+        else:
+            for name in names:
+                engine.submit(requests[name])
+        assert done.wait(60)
+        return texts
+
+    try:
+        alone = {name: run([name], False)[name] for name in prompts}
+        before = (engine.joined, len(engine.batch_sizes))
+        together = run(["long", "short", "one token"], True)
+        assert (engine.joined - before[0], len(engine.batch_sizes) - before[1]) == (2, 1)
+    finally:
+        engine.stop()
+    assert together == alone
+    messages = [{"role": "user", "content": "hi"}]
+    assert alone["short"] == generate_text(loaded, messages, max_new_tokens=12)

@@ -1,0 +1,140 @@
+"""Run directories protect themselves: one writer at a time (two processes), resumes that mean the same
+run, logs with each step once, a diverged run stopped at its first non-finite update, Ctrl-C resumable."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import bitune.training.trainer
+from bitune.layout import checkpoints, is_model_dir
+from bitune.training.callbacks import TrainingDiverged
+from bitune.training.run_config import load_run_config
+from bitune.training.trainer import train
+
+from conftest import write_run_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_config(directory: Path, name: str = "run", **training) -> Path:
+    settings = dict(max_steps=4, gradient_accumulation_steps=1, save_steps=2, logging_steps=1, seed=42)
+    return write_run_config(directory, name, **{**settings, **training})
+
+
+def cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bitune", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_resume_refuses_a_different_run_and_extends_only_when_asked(tmp_path):
+    path = write_config(tmp_path)
+    run_dir = train(load_run_config(path))
+    assert logged_steps(run_dir) == [1, 2, 3, 4]
+    for override, field in [
+        ("training.learning_rate=0.02", "training.learning_rate: 0.01 -> 0.02"),
+        ("model.name=smollm2-135m-instruct", "model.name"),
+        ("bitune.variant=lora", "bitune.variant: 'bitune' -> 'lora'"),
+        ("training.max_steps=6", "training.max_steps: 4 -> 6 (more training? pass --allow-change for it)"),
+    ]:
+        with pytest.raises(
+            ValueError, match=r"--resume would continue .* with another config: " + re.escape(field)
+        ):
+            train(load_run_config(path, [override]), resume=True)
+    with pytest.raises(ValueError, match=re.escape("takes ['training.max_steps', 'training.num_epochs']")):
+        train(load_run_config(path), resume=True, allow_changes=["training.learning_rate"])
+    before = (run_dir / "run_config.yaml").read_text()
+    assert load_run_config(run_dir / "run_config.yaml").training.max_steps == 4 and before  # record intact
+
+    extended = load_run_config(path, ["training.max_steps=6", "training.logging_steps=1"])
+    train(extended, resume=True, allow_changes=["training.max_steps"])
+    assert logged_steps(run_dir) == [1, 2, 3, 4, 5, 6]  # continued from checkpoint-4, each step once
+    resumes = [json.loads(line) for line in (run_dir / "resumes.jsonl").read_text().splitlines()]
+    assert resumes[0]["changes"] == {"training.max_steps": [4, 6]}
+    assert load_run_config(run_dir / "run_config.yaml").training.max_steps == 6
+
+
+def test_a_killed_run_resumes_with_its_log_holding_each_step_once(tmp_path):
+    path = write_config(tmp_path, max_steps=8, save_steps=2)
+    reference = train(load_run_config(write_config(tmp_path, "reference", max_steps=8, save_steps=2)))
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint-2").mkdir(parents=True)  # pretend: a run that was killed after step 3 ...
+    train(load_run_config(path, ["training.max_steps=8"]), resume=True)  # (no complete checkpoint: fresh)
+    assert logged_steps(run_dir) == logged_steps(reference) == list(range(1, 9))
+
+
+def test_a_second_writer_is_refused_and_a_killed_one_leaves_the_lock_free(tmp_path):
+    path = write_config(tmp_path, max_steps=2000, save_steps=20, logging_steps=100)
+    first = cli("train", str(path))
+    holder = tmp_path / "run" / ".bitune.lock.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (holder.exists() and checkpoints(tmp_path / "run")):
+        time.sleep(0.05)
+    assert first.poll() is None, first.communicate()
+    second = cli("train", str(path), "--resume")
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 2
+    assert (
+        f"is being written by another training process (pid {first.pid} on " in err and "Traceback" not in err
+    )
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    before = len(checkpoints(tmp_path / "run"))
+    resumed = cli("train", str(path), "training.max_steps=2000", "--resume")
+    deadline = time.time() + 120
+    while time.time() < deadline and resumed.poll() is None and len(checkpoints(tmp_path / "run")) <= before:
+        time.sleep(0.05)  # until the resumed run (holding the lock now) has saved a checkpoint of its own
+    resumed.send_signal(signal.SIGINT)  # Ctrl-C: a clear line saying how to continue, status 130
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 130, err
+    expected = (
+        f"bitune train: interrupted; resume with: bitune train {path} training.max_steps=2000 --resume\n"
+    )
+    assert expected in err and "Traceback" not in err
+
+
+def test_training_stops_at_the_first_non_finite_update_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    config = load_run_config(write_config(tmp_path, max_steps=8, save_steps=2))
+    built = bitune.training.trainer.get_bitune_model
+    calls = []
+
+    def diverging(model, bitune_config):
+        bitune_model = built(model, bitune_config)
+
+        def poison(module, args, output):  # the 5th forward (update 5) returns a NaN loss
+            calls.append(1)
+            if len(calls) == 5 and output.loss is not None:
+                output.loss = output.loss * float("nan")
+            return output
+
+        bitune_model.register_forward_hook(poison)
+        return bitune_model
+
+    monkeypatch.setattr(bitune.training.trainer, "get_bitune_model", diverging)
+    with pytest.raises(
+        TrainingDiverged, match=r"training stopped at update 5: the gradient is not finite .*checkpoint-4"
+    ):
+        train(config)
+    run_dir = tmp_path / "run"
+    assert [c.name for c in checkpoints(run_dir)] == ["checkpoint-2", "checkpoint-4"]
+    assert not is_model_dir(run_dir)  # the diverged model is not saved as the result
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]  # valid JSON
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
