@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import bitune.training.trainer
-from bitune.layout import checkpoints, is_model_dir
+from bitune.layout import checkpoints, is_model_dir, latest_complete_checkpoint
 from bitune.training.callbacks import TrainingDiverged
 from bitune.training.run_config import load_run_config
 from bitune.training.trainer import train
@@ -37,7 +37,16 @@ def cli(*args: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a test suite run in the background (`cmd &`) starts with SIGINT ignored, and a
+        # child inheriting that would never see the Ctrl-C this file sends
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
+
+def newest_step(run_dir: Path) -> int:
+    """The step of the newest complete checkpoint in ``run_dir`` (0 if none)."""
+    latest = latest_complete_checkpoint(run_dir)
+    return int(latest.name.split("-")[1]) if latest else 0
 
 
 def logged_steps(run_dir: Path) -> list[int]:
@@ -96,11 +105,14 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_the_lock_free(tmp_pa
     )
     first.send_signal(signal.SIGKILL)
     first.wait()
-    before = len(checkpoints(tmp_path / "run"))
+    killed_at = newest_step(tmp_path / "run")
     resumed = cli("train", str(path), "training.max_steps=2000", "--resume")
-    deadline = time.time() + 120
-    while time.time() < deadline and resumed.poll() is None and len(checkpoints(tmp_path / "run")) <= before:
-        time.sleep(0.05)  # until the resumed run (holding the lock now) has saved a checkpoint of its own
+    # until the resumed run (holding the lock now) has saved a checkpoint of its own: one of a later step
+    # than any the killed run left (a count of folders would miss it: save_total_limit rotates them)
+    deadline = time.time() + 600
+    while time.time() < deadline and resumed.poll() is None and newest_step(tmp_path / "run") <= killed_at:
+        time.sleep(0.05)
+    assert resumed.poll() is None and newest_step(tmp_path / "run") > killed_at, resumed.returncode
     resumed.send_signal(signal.SIGINT)  # Ctrl-C: a clear line saying how to continue, status 130
     _, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 130, err
