@@ -81,10 +81,10 @@ def test_evidence_configs_follow_the_papers_recipe_and_say_how_to_run(path):
         assert set(config.seeds) < set(grid.seeds) and set(config.methods) < set(grid.methods)
         scoring = dataclasses.replace(config.evaluation, baseline=grid.evaluation.baseline)  # a subset's own
         assert (config.output_dir, config.tasks, scoring) == (grid.output_dir, grid.tasks, grid.evaluation)
-        for run in itertools.product(config.methods, config.seeds, config.tasks):
+        for run in itertools.product(config.methods, config.seeds, config.grid_tasks):
             assert config.run_config(*run) == grid.run_config(*run)
     assert config.evaluation.limit is None or config.evaluation.limit >= 500
-    for task in config.tasks:
+    for task in config.grid_tasks:
         for method in config.methods:
             if config.is_trained(method):
                 training = config.run_config(method, 42, task).training

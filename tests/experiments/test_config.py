@@ -28,13 +28,22 @@ def test_a_baseline_must_be_a_method(tmp_path):
         load_compare_config(path)
 
 
-@pytest.mark.parametrize("path", EVIDENCE, ids=[p.stem for p in EVIDENCE])
+def committed_report(path: Path) -> Path | None:
+    for line in path.read_text().splitlines():
+        if line.startswith("report_dir:"):
+            report = REPO / line.split(":", 1)[1].strip() / "results.json"
+            return report if report.is_file() else None
+    return None
+
+
+REPORTED = [p for p in EVIDENCE if committed_report(p)]
+
+
+@pytest.mark.parametrize("path", REPORTED, ids=[p.stem for p in REPORTED])
 def test_the_runs_of_a_committed_report_keep_their_fingerprints(path, monkeypatch):
     monkeypatch.chdir(REPO)  # the configs' report folders are relative to the repository
     config = load_compare_config(path)
-    report = config.report_path / "results.json"
-    if not report.is_file():
-        pytest.skip(f"{path.name} has no committed report yet")
+    report = committed_report(path)
     recorded = json.loads(report.read_text())["runs"]
     runs = [
         (task, method, seed)
@@ -64,3 +73,31 @@ def test_bookkeeping_fields_leave_the_fingerprint_and_early_stopping_keeps_eval_
     assert grid_config(tmp_path, methods=early).fingerprint("bitune", 1) != grid_config(
         tmp_path, methods=later
     ).fingerprint("bitune", 1)
+
+
+def test_an_untrained_method_may_set_how_it_is_asked_and_runs_go_seed_by_seed(tmp_path):
+    methods = {
+        "pretrained": None,
+        "pretrained_repeat": {"untrained": True, "data.prompt_repeat": 2},
+        "lora": {"bitune.variant": "lora"},
+    }
+    config = grid_config(tmp_path, methods=methods)
+    assert not config.is_trained("pretrained_repeat") and config.seeds_of("pretrained_repeat") == [1]
+    assert config.run_config("pretrained_repeat", 1).data.prompt_repeat == 2
+    assert config.fingerprint("pretrained_repeat", 1) != config.fingerprint("pretrained", 1)
+    assert config.runs() == [
+        ("all", "pretrained", 1),
+        ("all", "pretrained_repeat", 1),
+        ("all", "lora", 1),
+        ("all", "lora", 2),
+    ]
+
+
+def test_new_evaluation_settings_change_the_fingerprint_only_when_set(tmp_path):
+    config = grid_config(tmp_path)
+    before = config.fingerprint("bitune", 1)
+    assert config.evaluation.settings() == {"source": "packaged", "limit": 6}
+    config.evaluation.choices = "cloze"
+    assert config.fingerprint("bitune", 1) != before
+    config.evaluation.choices, config.evaluation.metric = "listed", "acc_norm"
+    assert config.fingerprint("bitune", 1) != before

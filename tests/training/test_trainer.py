@@ -279,3 +279,30 @@ def test_bf16_weights_train_with_fp32_thetas_and_fp16_is_refused(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in records)
     with pytest.raises(ValueError, match=r"model\.dtype float16 weights would train without loss scaling"):
         load_run_config(write_config(tmp_path, "half"), ["model.dtype=float16"])
+
+
+def test_several_sources_train_together_and_must_write_prompts_alike(tmp_path):
+    from bitune.training.trainer import training_data
+
+    from conftest import char_tokenizer
+
+    path = write_run_config(tmp_path)
+    data_file = json.loads(path.read_text())["data"]["train"]
+    other = tmp_path / "other.jsonl"
+    other.write_text(
+        "".join(json.dumps({"prompt": f"say {w}", "completion": w}) + "\n" for w in ("ab", "cd", "ef"))
+    )
+    tokenizer = char_tokenizer()
+    alone, _, _ = training_data(load_run_config(path), tokenizer)
+    both, _, fmt = training_data(load_run_config(path, [f"data.train=[{data_file},{other}]"]), tokenizer)
+    assert len(both) == len(alone) + 3 and fmt.template == "paper"
+    capped, _, _ = training_data(
+        load_run_config(path, [f"data.train=[{data_file},{other}]", "data.limit=2"]), tokenizer
+    )
+    assert len(capped) == 4  # the limit applies to each source
+    conversations = tmp_path / "chats.jsonl"
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    conversations.write_text(json.dumps(chat) + "\n")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+    with pytest.raises(ValueError, match="writes prompts as 'chat'"):
+        training_data(load_run_config(path, [f"data.train=[{data_file},{conversations}]"]), tokenizer)

@@ -18,10 +18,20 @@ from .collator import MAX_LENGTH, BituneCollator, build_rows, render, tokenize_p
 from .formats import CONVERSATIONAL, FORMATS, is_data_source, load_examples
 from .report import DataReport
 from .tasks import SOURCES, TASKS, check_source, content_key, load_task
-from .templates import CHOICE_TEMPLATES, ChoiceTemplate, Instruction, MultipleChoice, instruction_prompt
+from .templates import (
+    CHOICE_FORMATS,
+    CHOICE_TEMPLATES,
+    CLOZE,
+    ChoiceTemplate,
+    Instruction,
+    MultipleChoice,
+    instruction_prompt,
+)
 
 __all__ = [
+    "CHOICE_FORMATS",
     "CHOICE_TEMPLATES",
+    "CLOZE",
     "CONVERSATIONAL",
     "FORMATS",
     "MAX_LENGTH",
@@ -39,6 +49,7 @@ __all__ = [
     "TrainingRows",
     "build_rows",
     "check_source",
+    "choice_template",
     "content_key",
     "instruction_prompt",
     "is_data_source",
@@ -66,6 +77,15 @@ def resolve_template(template: str, examples: list, tokenizer: PreTrainedTokeniz
     return "chat" if conversational and has_chat_template(tokenizer) else "paper"
 
 
+def choice_template(task: str, choices: str = "listed") -> ChoiceTemplate | None:
+    """How a task's questions are written: the paper's template (``listed``) or the `CLOZE`; None for a task
+    of instructions (GSM8K, UltraFeedback)."""
+    if choices not in CHOICE_FORMATS:
+        raise ValueError(f"choices must be one of {CHOICE_FORMATS}, got {choices!r}")
+    template = TASKS[task].template
+    return CLOZE if template is not None and choices == "cloze" else template
+
+
 def load_rows(
     source: str | Path,
     tokenizer: PreTrainedTokenizerBase,
@@ -78,6 +98,8 @@ def load_rows(
     template: str = "auto",
     turns: str = "last",
     subset: str | None = None,
+    choices: str = "listed",
+    prompt_repeat: int = 1,
 ) -> TrainingRows:
     """Tokenized training rows of a task name (see `TASKS`) or user data, with a report and the format.
 
@@ -93,6 +115,8 @@ def load_rows(
         template: ``auto``, ``paper``, ``chat`` or ``raw`` (see `bitune.data.chat`); tasks take ``paper``.
         turns: ``last`` or ``all``: which assistant turns of a conversation train.
         subset: the configuration of a hub dataset.
+        choices: a multiple-choice task's questions with their choices ``listed`` (the paper) or as a ``cloze``.
+        prompt_repeat: how many times each prompt's question is sent (prompt repetition; `PromptFormat`).
 
     Raises:
         ValueError: for a template that cannot write this data (a task with ``chat``, ``chat`` without a
@@ -104,25 +128,30 @@ def load_rows(
                 f"task {source!r} is written with the paper's template; data.template {template!r} applies to user data"
             )
         examples, report = load_task(str(source), split, source=data_source, limit=limit)
-        choice_template = TASKS[str(source)].template
+        template_of_choices = choice_template(str(source), choices)
     else:
         examples, report = load_examples(source, data_format, split=split, subset=subset)
         examples = examples[:limit] if limit is not None else examples
-        choice_template = None
+        template_of_choices = None
     resolved = resolve_template(template, examples, tokenizer)
     if resolved == "raw" and any(isinstance(e, Conversation) for e in examples):
         raise ValueError(
             "data.template 'raw' takes prompt/completion text; conversations need 'chat' (or 'paper')"
         )
-    prompt_format = PromptFormat.for_tokenizer(resolved, tokenizer, turns)
+    prompt_format = PromptFormat.for_tokenizer(resolved, tokenizer, turns, prompt_repeat)
     rows, report = build_rows(
         examples,
         tokenizer,
-        choice_template,
+        template_of_choices,
         max_length=max_length,
         report=report,
         prompt_format=prompt_format,
     )
     if verbose:
-        print(f"{report.summary()}\n  template: {prompt_format.template}, turns: {prompt_format.turns}")
+        written = f"template: {prompt_format.template}, turns: {prompt_format.turns}"
+        if template_of_choices is not None:
+            written += f", choices: {choices}"
+        if prompt_repeat > 1:
+            written += f", questions sent {prompt_repeat} times"
+        print(f"{report.summary()}\n  {written}")
     return TrainingRows(rows, report, prompt_format)

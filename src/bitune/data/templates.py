@@ -13,6 +13,15 @@ to the start of the answer pass.
   ``Question: {question}\\n\\nChoices:\\n(0) {choice0}\\n(1) {choice1}\\n(2) {choice2}\\n\\nAnswer:`` | `` ({index})<EOS>`` |
 | GSM8K | ``Question: {question}\\n\\nAnswer:`` | `` {solution ending in #### N}<EOS>`` |
 | MMLU | ``Question: {question}\\n(0). {choice0}\\n...\\n(3). {choice3}\\n\\nAnswer:`` | `` ({index})<EOS>`` |
+
+Beside the paper's templates, which list the choices in the prompt, every multiple-choice task can be
+written as a **cloze** (``choices: cloze``; lm-eval's usual setup for ARC, PIQA, SciQ, HellaSwag): the prompt
+``Question: {question}\\n\\nAnswer:`` (after a context line, e.g. SciQ's support paragraph, when the question
+has one) and each choice's own text as the answer, `` {choice text}<EOS>``; the choices are not listed. This
+is a departure from the paper's Table 2 templates.
+
+Every prompt ends with `ANSWER_CUE`; `repeat_question` sends the question part of a prompt several times
+(prompt repetition, Leviathan, Kalman, Matias 2025).
 """
 
 from __future__ import annotations
@@ -41,9 +50,31 @@ class Instruction:
     id: str | None = None
 
 
+ANSWER_CUE = "\n\nAnswer:"  # how every prompt of these templates ends
+CHOICE_FORMATS = (
+    "listed",
+    "cloze",
+)  # multiple-choice questions: choices listed in the prompt (paper), or not
+
+
 def instruction_prompt(instruction: str) -> str:
     """The generic instruction template (UltraFeedback, GSM8K, user data)."""
-    return f"Question: {instruction}\n\nAnswer:"
+    return f"Question: {instruction}{ANSWER_CUE}"
+
+
+def repeat_question(prompt: str, times: int) -> str:
+    """``prompt`` with everything before its closing `ANSWER_CUE` sent ``times`` times, blank-line separated:
+    every token of a later copy has read the whole question (prompt repetition).
+
+    Raises:
+        ValueError: if ``prompt`` does not end with `ANSWER_CUE`.
+    """
+    if times == 1:
+        return prompt
+    if not prompt.endswith(ANSWER_CUE):
+        raise ValueError(f"cannot repeat the question of a prompt that does not end with {ANSWER_CUE!r}")
+    question = prompt[: -len(ANSWER_CUE)]
+    return "\n\n".join([question] * times) + ANSWER_CUE
 
 
 def _choices_block(choices: tuple[str, ...]) -> str:
@@ -60,6 +91,11 @@ def _siqa(question: MultipleChoice) -> str:
         "Question: Given the context, answer correctly the question.\n"
         f"Context: {question.context}\nQuestion: {question.question}\n\n{_choices_block(numbered)}\n\nAnswer:"
     )
+
+
+def _cloze(question: MultipleChoice) -> str:
+    context = f"{question.context}\n" if question.context else ""
+    return f"{context}Question: {question.question}{ANSWER_CUE}"
 
 
 def _mmlu(question: MultipleChoice) -> str:
@@ -93,6 +129,7 @@ CHOICE_TEMPLATES = {
     "siqa": ChoiceTemplate("siqa", _siqa, by_index=True),
     "mmlu": ChoiceTemplate("mmlu", _mmlu, by_index=True),
 }
+CLOZE = ChoiceTemplate("cloze", _cloze, by_index=False)
 
 
 def render_instruction(instruction: str, completion: str, eos_token: str) -> tuple[str, str]:

@@ -12,7 +12,10 @@ that point:
 - generation: lm-eval's own ``_model_generate`` runs with ``self.model`` pointing at the Bitune model, whose
   ``generate`` prefills with the prompt passes and then runs Hugging Face ``generate``;
 - ``loglikelihood_rolling`` (perplexity over a document, no prompt) uses the causal adapter only, i.e.
-  lm-eval's own scoring of the underlying model: there is no instruction to read bidirectionally.
+  lm-eval's own scoring of the underlying model: there is no instruction to read bidirectionally;
+- prompt repetition (the run's recorded ``repeat``, or the ``prompt_repeat`` model arg for a base model):
+  each question is sent that many times, as the run was trained (`PromptFormat.ask` on the tasks' prompts,
+  or the last user message under the run's chat template).
 
 Model args are plain values (strings on lm-eval's command line, a dict from Python: never a string built
 from a path), so data-parallel evaluation with ``accelerate launch`` works. lm-eval finds model types only
@@ -26,6 +29,7 @@ scored **without the bidirectional pass and the mixing**, i.e. not as Bitune.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,7 +49,7 @@ from .scoring import ContinuationRequest, score_continuations
 from .tasks import DEFAULT_BATCH_SIZE, TASKS_DIR
 
 # The parts of lm-eval's HFLM this plugin overrides or reads (checked by tests/test_compat.py, lm-eval 0.4.13).
-HFLM_INTERNALS = ("_loglikelihood_tokens", "_model_generate", "loglikelihood_rolling")
+HFLM_INTERNALS = ("_loglikelihood_tokens", "_model_generate", "loglikelihood_rolling", "_encode_pair")
 
 
 def resolve_model_args(pretrained: str, bitune: str | None) -> tuple[str, str | None]:
@@ -70,17 +74,23 @@ def resolve_model_args(pretrained: str, bitune: str | None) -> tuple[str, str | 
 class BituneLM(HFLM):
     """lm-eval's HF model with Bitune's prompt passes (see the module docstring)."""
 
-    def __init__(self, pretrained: str, bitune: str | None = None, **kwargs) -> None:
+    def __init__(
+        self, pretrained: str, bitune: str | None = None, prompt_repeat: int | str | None = None, **kwargs
+    ) -> None:
         pretrained, bitune = resolve_model_args(str(pretrained), bitune)
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         super().__init__(pretrained=pretrained, **kwargs)
+        prompt_format = PromptFormat()
         if bitune is not None:
             self.bitune_model = BituneModel.from_pretrained(self._model, bitune)
-            prompt_format = PromptFormat.load(bitune)
-            if prompt_format is not None and prompt_format.template == "chat":  # the run's own template
+            prompt_format = PromptFormat.load(bitune) or prompt_format
+            if prompt_format.template == "chat":  # the run's own template
                 self.tokenizer.chat_template = prompt_format.chat_template
         else:  # the untrained `lora` variant is exactly the pretrained model, scored by the same code path
             self.bitune_model = get_bitune_model(self._model, BituneConfig(variant="lora")).eval()
+        if prompt_repeat is not None:  # given (lm-eval passes strings): it overrides the run's own
+            prompt_format = dataclasses.replace(prompt_format, repeat=int(prompt_repeat))
+        self.prompt_format = prompt_format
         self._causal_only = False
 
     @contextmanager
@@ -103,6 +113,26 @@ class BituneLM(HFLM):
         finally:
             self._model = hf_model
 
+    # ------------------------------------------------------------------------------- prompt repetition
+    def _ask(self, context: str) -> str:
+        """A task's prompt with its question sent as the run asks (chat runs: in `apply_chat_template`)."""
+        if self.prompt_format.repeat == 1 or self.prompt_format.template == "chat":
+            return context
+        return self.prompt_format.ask(context)
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        return super()._encode_pair(self._ask(context), continuation)
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        asked = [dataclasses.replace(r, arguments=(self._ask(r.args[0]), *r.args[1:])) for r in requests]
+        return super().generate_until(asked, disable_tqdm=disable_tqdm)
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        return super().apply_chat_template(self.prompt_format.asked(chat_history), add_generation_prompt)
+
+    # ----------------------------------------------------------------------------------- the passes
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         with self._plain_causal():
             return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)

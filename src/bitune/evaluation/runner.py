@@ -68,12 +68,21 @@ def evaluate_target(
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_gen_toks: int | None = None,
     trust_remote_code: bool = False,
+    choices: str = "listed",
+    metric: str = "acc",
+    prompt_repeat: int | None = None,
 ) -> dict[str, dict]:
     """Scores of a Bitune model directory or a base model (alias, directory, hub id) on bitune tasks.
 
-    ``max_gen_toks`` caps generation on generative tasks (GSM8K; the task's own default is 256).
+    Args:
+        max_gen_toks: caps generation on generative tasks (GSM8K; the task's own default is 256).
+        choices: multiple-choice questions with their choices ``listed`` (the paper's templates) or as a
+            ``cloze``.
+        metric: the headline score of a multiple-choice task, ``acc`` or ``acc_norm``.
+        prompt_repeat: send each question this many times (default: as the run was trained; 1 for a base
+            model).
     """
-    names = [lm_eval_task(t, source) for t in tasks]
+    names = [lm_eval_task(t, source, choices) for t in tasks]
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if batch_size < 1:
@@ -81,9 +90,13 @@ def evaluate_target(
     extra = {"gen_kwargs": {"max_gen_toks": max_gen_toks}} if max_gen_toks else {}
     if uses_chat_template(target):  # questions are asked as the run was trained: in its chat template
         extra["apply_chat_template"] = True
+    if prompt_repeat is not None and prompt_repeat < 1:
+        raise ValueError(f"prompt_repeat must be >= 1, got {prompt_repeat}")
     model_args = {"pretrained": str(target), "trust_remote_code": trust_remote_code}
+    if prompt_repeat is not None:
+        model_args["prompt_repeat"] = prompt_repeat
     results = evaluate(model_args, names, limit=limit, batch_size=batch_size, **extra)
-    return summarize(results, list(tasks), source)
+    return summarize(results, list(tasks), source, choices, metric)
 
 
 def uses_chat_template(target: str) -> bool:

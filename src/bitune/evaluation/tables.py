@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import statistics
 
+from .stats import paired_difference
+
 
 def results_table(results: dict[str, dict[int, dict]], tasks: list[str], metric: str = "acc") -> str:
     """Markdown: one row per method, one column per task plus the average.
@@ -54,47 +56,59 @@ def stderr_note(results: dict[str, dict[int, dict]], tasks: list[str], metric: s
     )
 
 
-def paired_table(results: dict[str, dict[int, dict]], tasks: list[str], baseline: str) -> str:
-    """Markdown: every other method's score minus ``baseline``'s, compared question by question.
+def paired_table(
+    results: dict[str, dict[int, dict]], tasks: list[str], baseline: str, fixed: set[str] | frozenset = frozenset()
+) -> str:
+    """Markdown: every other method's score minus ``baseline``'s, compared question by question, per task
+    and pooled over the tasks (every question weighs the same), with the standard errors of
+    `bitune.evaluation.stats.paired_difference`: over the questions alone (pairing), and with the run-level
+    (seed) term, which gives the 95 % interval and the difference the design detects at 80 % power.
 
-    Per question, each method's outcome is averaged over its seeds; the difference of the two averages,
-    averaged over the questions, is the difference of the mean scores, and its standard error is the
-    spread of the per-question differences over sqrt(questions). Pairing removes what the questions'
-    difficulty adds to both scores: the more the two methods agree question by question, the smaller this
-    standard error is against that of two unpaired scores.
-    It measures the uncertainty from the questions drawn, not from the seeds (that is the ± of the table).
-    Only runs whose scores carry per-question outcomes (``correct``) on the same questions are used.
+    Args:
+        results: method -> seed -> task -> scores; only scores with per-question outcomes (``correct``) on the
+            same questions are compared.
+        fixed: methods scored once without training (no run-to-run variance).
     """
     lines = [
-        f"| method | task | seeds | minus {baseline} (points) | paired standard error | 95 % interval |",
-        "|---|---|---|---|---|---|",
+        f"| method | task | seeds | minus {baseline} (points) | paired SE, questions | SE with seeds "
+        "| 95 % interval | detects at 80 % power |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for task in tasks:
-        reference = _outcomes(results.get(baseline, {}), task)
+    pooled = len(tasks) > 1
+    for task in [*tasks, *(["pooled"] if pooled else [])]:
+        scope = tasks if task == "pooled" else [task]
+        reference = _runs(results.get(baseline, {}), scope)
         if reference is None:
             continue
-        questions, base, base_seeds = reference
+        questions, base = reference
         for method, by_seed in results.items():
-            other = _outcomes(by_seed, task, questions) if method != baseline else None
+            other = _runs(by_seed, scope, questions) if method != baseline else None
             if other is None:
                 continue
-            _, outcome, seeds = other
-            differences = [a - b for a, b in zip(outcome, base, strict=True)]
-            mean = 100 * statistics.fmean(differences)
-            error = 100 * statistics.stdev(differences) / len(differences) ** 0.5
+            d = paired_difference(other[1], base, a_is_fixed=method in fixed, b_is_fixed=baseline in fixed)
+            name = f"pooled ({d.questions} questions)" if task == "pooled" else task
+            se = "n/a (one seed)" if d.se is None else f"{100 * d.se:.1f}"
+            interval = "n/a" if d.se is None else "{:+.1f} to {:+.1f}".format(*(100 * x for x in d.interval()))
+            detects = "n/a" if d.detectable is None else f"{100 * d.detectable:.1f}"
             lines.append(
-                f"| {method} | {task} | {seeds} vs {base_seeds} | {mean:+.1f} | {error:.1f} "
-                f"| {mean - 1.96 * error:+.1f} to {mean + 1.96 * error:+.1f} |"
+                f"| {method} | {name} | {d.seeds_a} vs {d.seeds_b} | {100 * d.difference:+.1f} "
+                f"| {100 * d.se_questions:.1f} | {se} | {interval} | {detects} |"
             )
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def _outcomes(by_seed: dict[int, dict], task: str, questions: str | None = None):
-    """(questions digest, per-question mean outcome over seeds, number of seeds) of one method on ``task``,
-    from the seeds whose score has outcomes (on ``questions``, if given); None if no seed has."""
-    scores = [s[task] for s in by_seed.values() if "correct" in s.get(task, {})]
-    questions = questions or (scores[0]["questions"] if scores else None)
-    rows = [s["correct"] for s in scores if s["questions"] == questions]
+def _runs(by_seed: dict[int, dict], tasks: list[str], questions: tuple[str, ...] | None = None):
+    """(the questions' digests, one row of per-question outcomes per seed, the tasks' outcomes joined) of one
+    method over ``tasks``, from the seeds that have outcomes on every task (on ``questions``, if given); None
+    if no seed has."""
+    rows, digests = [], None
+    for scores in by_seed.values():
+        if not all("correct" in scores.get(task, {}) for task in tasks):
+            continue
+        found = tuple(scores[task]["questions"] for task in tasks)
+        digests = digests or questions or found
+        if found == digests:
+            rows.append([int(c) for task in tasks for c in scores[task]["correct"]])
     if not rows or len(rows[0]) < 2:
         return None
-    return questions, [statistics.fmean(int(r[q]) for r in rows) for q in range(len(rows[0]))], len(rows)
+    return digests, rows

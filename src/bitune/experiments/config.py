@@ -7,7 +7,9 @@ Two settings:
 - downstream training (section 3.2, ``tasks: [piqa, ...]``): every (task, method, seed) trains on that task's
   train split into ``output_dir/<task>/<method>/seed<seed>`` and is scored on the same task's eval split.
 
-A method given as ``null`` is the pretrained model: not trained, scored once. With
+A method given as ``null`` is the pretrained model: not trained, scored once. A method whose overrides
+hold ``untrained: true`` is too, with the prompt format of its overrides (e.g. ``data.prompt_repeat: 2``:
+the pretrained model asked each question twice). With
 ``evaluation.curve_steps`` every trained run also keeps its weights after those updates
 (``training.snapshot_steps``) and each is scored: the budget curve.
 """
@@ -25,10 +27,12 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from ..evaluation.tasks import DEFAULT_BATCH_SIZE, lm_eval_task
+from ..data import CHOICE_FORMATS
+from ..evaluation.tasks import DEFAULT_BATCH_SIZE, METRICS, lm_eval_task
 from ..training.run_config import RunConfig, config_node, to_object
 
 PRETRAINED = None  # a method without overrides: not trained
+UNTRAINED = "untrained"  # a method's key (not a run config field): scored without training
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ALL = "all"  # the task key of a grid without a task dimension
 
@@ -44,6 +48,20 @@ class EvaluationSection:
         default=None, metadata={"help": "Score only the first N questions per task."}
     )
     batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata={"help": "Prompts per forward."})
+    choices: str = field(
+        default="listed",
+        metadata={
+            "help": f"One of {CHOICE_FORMATS}: multiple-choice questions with their choices listed (the "
+            "paper's templates) or as a cloze (lm-eval's usual setup)."
+        },
+    )
+    metric: str = field(
+        default="acc",
+        metadata={
+            "help": f"One of {METRICS}: the headline score of a multiple-choice task (tables, the paired "
+            "comparison); both are recorded."
+        },
+    )
     curve_steps: List[int] = field(
         default_factory=list,
         metadata={
@@ -63,8 +81,12 @@ class EvaluationSection:
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ValueError("evaluation.tasks must name at least one task")
+        if self.choices not in CHOICE_FORMATS:
+            raise ValueError(f"evaluation.choices must be one of {CHOICE_FORMATS}, got {self.choices!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"evaluation.metric must be one of {METRICS}, got {self.metric!r}")
         for task in self.tasks:
-            _check_task("evaluation.tasks", task, self.source)
+            _check_task("evaluation.tasks", task, self.source, self.choices)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"evaluation.limit must be >= 1 or null, got {self.limit}")
         if self.batch_size < 1:
@@ -73,13 +95,17 @@ class EvaluationSection:
             raise ValueError(f"evaluation.curve_steps must be distinct steps >= 0, got {self.curve_steps}")
 
     def settings(self) -> dict[str, Any]:
-        """What decides a score besides the model (the batch size does not)."""
-        return {"source": self.source, "limit": self.limit}
+        """What decides a score besides the model (the batch size does not); settings at their default are
+        left out, so that a setting added later does not orphan the scores recorded before it."""
+        added = {"choices": (self.choices, "listed"), "metric": (self.metric, "acc")}
+        return {"source": self.source, "limit": self.limit} | {
+            name: value for name, (value, default) in added.items() if value != default
+        }
 
 
-def _check_task(field_name: str, task: str, source: str) -> None:
+def _check_task(field_name: str, task: str, source: str, choices: str = "listed") -> None:
     try:
-        lm_eval_task(task, source)
+        lm_eval_task(task, source, choices)
     except ValueError as exc:
         raise ValueError(f"{field_name}: {exc}") from None
 
@@ -123,8 +149,11 @@ class CompareConfig:
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
+        for name, overrides in self.methods.items():
+            if overrides is not PRETRAINED and not isinstance(overrides.get(UNTRAINED, False), bool):
+                raise ValueError(f"method {name!r}: {UNTRAINED} must be true or false")
         for task in self.tasks or ():
-            _check_task("tasks", task, self.evaluation.source)
+            _check_task("tasks", task, self.evaluation.source, self.evaluation.choices)
         unknown = sorted(set(self.task_overrides) - set(self.tasks or ()))
         if unknown:
             raise ValueError(f"task_overrides names tasks that are not in `tasks`: {unknown}")
@@ -139,10 +168,11 @@ class CompareConfig:
 
     def seeds_of(self, method: str) -> list[int]:
         """An untrained method is scored once: seeds could not change it."""
-        return self.seeds[:1] if self.methods[method] is PRETRAINED else list(self.seeds)
+        return list(self.seeds) if self.is_trained(method) else self.seeds[:1]
 
     def is_trained(self, method: str) -> bool:
-        return self.methods[method] is not PRETRAINED
+        overrides = self.methods[method]
+        return overrides is not PRETRAINED and not overrides.get(UNTRAINED, False)
 
     @property
     def baseline(self) -> str | None:
@@ -159,8 +189,15 @@ class CompareConfig:
         return Path(self.report_dir or self.output_dir)
 
     def runs(self) -> list[tuple[str, str, int]]:
-        """Every (task, method, seed) of the grid, in the order they run."""
-        return [(t, m, s) for t in self.grid_tasks for m in self.methods for s in self.seeds_of(m)]
+        """Every (task, method, seed) of the grid, in the order they run: seed by seed, so that a grid
+        stopped part way holds whole seeds of every method."""
+        return [
+            (t, m, s)
+            for t in self.grid_tasks
+            for s in self.seeds
+            for m in self.methods
+            if s in self.seeds_of(m)
+        ]
 
     def eval_tasks(self, task: str) -> list[str]:
         return [task] if task != ALL else list(self.evaluation.tasks)
@@ -170,7 +207,9 @@ class CompareConfig:
         return root / method / f"seed{seed}"
 
     def run_config(self, method: str, seed: int, task: str = ALL) -> RunConfig:
-        overrides = [f"{k}={_yaml_value(v)}" for k, v in (self.methods[method] or {}).items()]
+        overrides = [
+            f"{k}={_yaml_value(v)}" for k, v in (self.methods[method] or {}).items() if k != UNTRAINED
+        ]
         overrides += [f"training.seed={seed}", f"training.output_dir={self.run_dir(method, seed, task)}"]
         if task != ALL:
             overrides += [f"data.train={task}", f"data.source={self.evaluation.source}"]
@@ -193,8 +232,8 @@ class CompareConfig:
         for name in config.bookkeeping_fields():  # e.g. more snapshots or another logging interval
             section, key = name.split(".")
             run[section].pop(key)
-        if not self.is_trained(method):
-            run = {"model": run["model"]}  # only the model matters when nothing is trained
+        if not self.is_trained(method):  # only the model and how it is asked matter when nothing is trained
+            run = {"model": run["model"], "data": {"prompt_repeat": run["data"]["prompt_repeat"]}}
         run = _without_defaults(run, RunConfig().to_dict())
         content = {"run": run, "evaluation": self.evaluation.settings()}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]

@@ -94,7 +94,17 @@ def run_one(config: CompareConfig, report: GridReport, task: str, method: str, s
             return
         began = time.perf_counter()
         e = config.evaluation
-        into.update(evaluation.evaluate_target(model, todo, e.source, limit=e.limit, batch_size=e.batch_size))
+        scores = evaluation.evaluate_target(
+            model,
+            todo,
+            e.source,
+            limit=e.limit,
+            batch_size=e.batch_size,
+            choices=e.choices,
+            metric=e.metric,
+            prompt_repeat=None if config.is_trained(method) else run_config.data.prompt_repeat,
+        )
+        into.update(scores)
         seconds["eval"] = seconds.get("eval", 0.0) + time.perf_counter() - began
         _save_record(run_dir, record)
 
@@ -201,12 +211,15 @@ def write_report(config: CompareConfig, report: GridReport, failures: list[dict]
     note = stderr_note(results, tasks)
     if note:
         tables += "\n\n" + note
-    paired = paired_table(results, tasks, config.baseline) if config.baseline else ""
+    fixed = {m for m in config.methods if not config.is_trained(m)}
+    paired = paired_table(results, tasks, config.baseline, fixed) if config.baseline else ""
     if paired:
         tables += (
-            f"\n\nEach method against {config.baseline}, question by question (per question, the outcome "
-            "averaged over seeds; the standard error is over the questions, the seeds' spread is the ± "
-            "above)\n\n" + paired
+            f"\n\nEach method against {config.baseline}, question by question ({config.evaluation.metric}; "
+            "per question, the outcome averaged over seeds). The paired standard error is over the questions "
+            "alone; the one with seeds adds the run-level variance (a whole run better or worse on every "
+            "question) and gives the interval and the difference the design detects at 80 % power (two-sided "
+            "test at 5 %)\n\n" + paired
         )
     curves = curve_tables(config, report)
     if curves:

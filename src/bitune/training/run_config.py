@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..data import FORMATS, TASKS, TEMPLATES, TURNS, check_source, is_data_source
+from ..data import CHOICE_FORMATS, FORMATS, TASKS, TEMPLATES, TURNS, check_source, is_data_source
 from ..method.config import SAME_RESULTS, BituneConfig
 from ..references import is_hub_id
 from .optim import OPTIMIZERS
@@ -178,11 +178,11 @@ MethodSection.__module__ = __name__  # where OmegaConf and pickle find it
 
 @dataclass
 class DataSection:
-    train: str = field(
+    train: Any = field(
         default="arc_easy",
         metadata={
             "help": "A task (bitune.data.TASKS), a .jsonl/.json/.parquet file, a datasets.save_to_disk folder, "
-            "or (with source: hub) a Hugging Face hub dataset id."
+            "or (with source: hub) a Hugging Face hub dataset id; or a list of them, trained on together."
         },
     )
     source: str = field(
@@ -205,6 +205,20 @@ class DataSection:
     turns: str = field(
         default="last", metadata={"help": f"One of {TURNS}: which assistant turns of a conversation train."}
     )
+    choices: str = field(
+        default="listed",
+        metadata={
+            "help": f"One of {CHOICE_FORMATS}: a multiple-choice task's questions with their choices listed "
+            "(the paper's templates) or as a cloze (the question alone, the answer the choice's text)."
+        },
+    )
+    prompt_repeat: int = field(
+        default=1,
+        metadata={
+            "help": "Send the question of every prompt this many times (prompt repetition, Leviathan et al. "
+            "2025); recorded in the run's prompt format, so eval, generate, chat and serve repeat it too."
+        },
+    )
     eval: Optional[str] = field(
         default=None,
         metadata={
@@ -214,7 +228,9 @@ class DataSection:
         },
     )
     max_length: int = field(default=512, metadata={"help": "Rows longer than this (tokens) are dropped."})
-    limit: Optional[int] = field(default=None, metadata={"help": "Use only the first N training examples."})
+    limit: Optional[int] = field(
+        default=None, metadata={"help": "Use only the first N training examples (of each source in train)."}
+    )
     eval_limit: Optional[int] = field(
         default=None,
         metadata={"help": "Use only the first N evaluation examples.", BOOKKEEPING: UNLESS_EARLY_STOPPING},
@@ -222,19 +238,41 @@ class DataSection:
 
     def __post_init__(self) -> None:
         check_source(self.source, "data.source")
-        _check_data("data.train", self.train, self.source)
+        if isinstance(self.train, str):
+            _check_data("data.train", self.train, self.source)
+        elif (
+            isinstance(self.train, (list, tuple, ListConfig))
+            and self.train
+            and all(isinstance(s, str) for s in self.train)
+        ):
+            if len(set(self.train)) != len(self.train):
+                _fail("data", "train", f"lists a source twice: {list(self.train)}")
+            for source in self.train:
+                _check_data("data.train", source, self.source)
+            self.train = list(self.train)
+        else:
+            _fail(
+                "data",
+                "train",
+                f"must be a task, a data source or a non-empty list of them, got {self.train!r}",
+            )
         if self.eval is not None and self.eval_fraction is None:
             _check_data("data.eval", self.eval, self.source)
         if self.format != "auto" and self.format not in FORMATS:
             _fail("data", "format", f"must be 'auto' or one of {FORMATS}, got {self.format!r}")
         if self.template != "auto" and self.template not in TEMPLATES:
             _fail("data", "template", f"must be 'auto' or one of {TEMPLATES}, got {self.template!r}")
-        if self.train in TASKS and self.template not in ("auto", "paper"):
+        tasks = [s for s in self.sources if s in TASKS]
+        if tasks and self.template not in ("auto", "paper"):
             _fail(
-                "data",
-                "template",
-                f"must be auto or paper for the task {self.train!r} (the paper's templates)",
+                "data", "template", f"must be auto or paper for the task {tasks[0]!r} (the paper's templates)"
             )
+        if self.choices not in CHOICE_FORMATS:
+            _fail("data", "choices", f"must be one of {CHOICE_FORMATS}, got {self.choices!r}")
+        if self.prompt_repeat < 1:
+            _fail("data", "prompt_repeat", f"must be >= 1, got {self.prompt_repeat}")
+        if self.prompt_repeat > 1 and self.template == "raw":
+            _fail("data", "prompt_repeat", "needs the paper or chat template: a raw prompt is used verbatim")
         if self.turns not in TURNS:
             _fail("data", "turns", f"must be one of {TURNS}, got {self.turns!r}")
         if self.max_length < 2:
@@ -242,6 +280,11 @@ class DataSection:
         for name in ("limit", "eval_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 _fail("data", name, f"must be >= 1 or null, got {getattr(self, name)}")
+
+    @property
+    def sources(self) -> list[str]:
+        """What ``train`` names, as a list."""
+        return [self.train] if isinstance(self.train, str) else list(self.train)
 
     @property
     def eval_fraction(self) -> float | None:

@@ -262,10 +262,18 @@ def training_data(config: RunConfig, tokenizer) -> tuple[list[dict], list[dict] 
         max_length=d.max_length,
         template=d.template,
         turns=d.turns,
+        choices=d.choices,
+        prompt_repeat=d.prompt_repeat,
     )
-    rows, _, prompt_format = load_rows(
-        d.train, tokenizer, split=d.split, subset=d.subset, limit=d.limit, **options
-    )
+    rows, prompt_format = [], None
+    for source in d.sources:  # several sources train together: they must write prompts alike
+        loaded = load_rows(source, tokenizer, split=d.split, subset=d.subset, limit=d.limit, **options)
+        if prompt_format is not None and loaded.prompt_format != prompt_format:
+            raise ValueError(
+                f"data.train: {source!r} writes prompts as {loaded.prompt_format.template!r}, the sources before "
+                f"it as {prompt_format.template!r}; set data.template so that they agree"
+            )
+        rows, prompt_format = rows + loaded.rows, loaded.prompt_format
     if not rows:
         raise ValueError(f"no training rows left from {d.train!r} (see the summary above)")
     eval_rows = None

