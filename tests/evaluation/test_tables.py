@@ -32,7 +32,11 @@ def test_paired_table_compares_per_question_means_over_seeds():
 
 def test_paired_table_pools_the_tasks_and_adds_the_run_term():
     def score(correct):
-        return {"acc": correct.count("1") / len(correct), "correct": correct, "questions": "q" + str(len(correct))}
+        return {
+            "acc": correct.count("1") / len(correct),
+            "correct": correct,
+            "questions": "q" + str(len(correct)),
+        }
 
     results = {
         "pretrained": {1: {"x": score("1000"), "y": score("10")}},

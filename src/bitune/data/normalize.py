@@ -104,6 +104,12 @@ def copa_row(row: dict) -> MultipleChoice:
     return _choice(f"{_text(premise, 'premise')} {_COPA_QUESTIONS[kind]}", [first, second], int(label))
 
 
+def generated_row(row: dict) -> MultipleChoice:
+    """A row of a generated task (`bitune.data.generated`): already a question, its choices and the label."""
+    question, choices, label = _need(row, "question", "choices", "label")
+    return _choice(question, list(choices), int(label))
+
+
 def mmlu_row(row: dict) -> MultipleChoice:
     question, choices, answer = _need(row, "question", "choices", "answer")
     return _choice(question, list(choices), int(answer), id=row.get("subject"))

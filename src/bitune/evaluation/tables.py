@@ -57,7 +57,10 @@ def stderr_note(results: dict[str, dict[int, dict]], tasks: list[str], metric: s
 
 
 def paired_table(
-    results: dict[str, dict[int, dict]], tasks: list[str], baseline: str, fixed: set[str] | frozenset = frozenset()
+    results: dict[str, dict[int, dict]],
+    tasks: list[str],
+    baseline: str,
+    fixed: set[str] | frozenset = frozenset(),
 ) -> str:
     """Markdown: every other method's score minus ``baseline``'s, compared question by question, per task
     and pooled over the tasks (every question weighs the same), with the standard errors of
@@ -88,7 +91,9 @@ def paired_table(
             d = paired_difference(other[1], base, a_is_fixed=method in fixed, b_is_fixed=baseline in fixed)
             name = f"pooled ({d.questions} questions)" if task == "pooled" else task
             se = "n/a (one seed)" if d.se is None else f"{100 * d.se:.1f}"
-            interval = "n/a" if d.se is None else "{:+.1f} to {:+.1f}".format(*(100 * x for x in d.interval()))
+            interval = (
+                "n/a" if d.se is None else "{:+.1f} to {:+.1f}".format(*(100 * x for x in d.interval()))
+            )
             detects = "n/a" if d.detectable is None else f"{100 * d.detectable:.1f}"
             lines.append(
                 f"| {method} | {name} | {d.seeds_a} vs {d.seeds_b} | {100 * d.difference:+.1f} "
