@@ -225,3 +225,19 @@ def grid_config(tmp_path, methods=None):
     path = tmp_path / "grid.yaml"
     path.write_text(json.dumps(config))
     return load_compare_config(path)
+
+
+# ------------------------------------------------------------------------------ fuzz example counts
+_FUZZ_COUNTS: dict[str, int] = {}
+
+
+def count_fuzz_example(name: str) -> None:
+    """Count one example a fuzz test ran (reported at the end of the session)."""
+    _FUZZ_COUNTS[name] = _FUZZ_COUNTS.get(name, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _FUZZ_COUNTS:
+        terminalreporter.write_sep("-", "fuzzed examples tried")
+        for name, count in sorted(_FUZZ_COUNTS.items()):
+            terminalreporter.write_line(f"{count:6d}  {name}")

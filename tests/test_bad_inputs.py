@@ -128,6 +128,11 @@ TRAIN_CASES = {
     "truncated safetensors": (good, ["model.name=TRUNCATED"], r"could not load the model in .*truncated"),
     "offline hub id": (good, ["model.name=no-such-org/no-such-model"], r"could not load model .* hub id"),
     "batch size 0": (good, ["training.batch_size=0"], r"training\.batch_size must be > 0"),
+    "ShareGPT turns whose 'from' is a list or an object": (
+        good,
+        ["data.train=SHAREGPT"],
+        r"none of its 2 rows could be used \(2 skipped: a turn's 'from' is not one of",
+    ),
 }
 
 
@@ -143,8 +148,13 @@ def broken_models(root: Path) -> dict[str, str]:
         tiny_model("llama").save_pretrained(truncated)
         weights = truncated / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
-    made.update(BADCONFIG=bad, TRUNCATED=truncated)
+    made.update(BADCONFIG=bad, TRUNCATED=truncated, SHAREGPT=root / "sharegpt.jsonl")
     (root / "data.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    turns = [
+        [{"from": ["human"], "value": "hi"}, {"from": "gpt", "value": "yo"}],
+        [{"from": {"a": 1}, "value": "hi"}],
+    ]
+    (root / "sharegpt.jsonl").write_text("".join(json.dumps({"conversations": t}) + "\n" for t in turns))
     return {k: str(v) for k, v in made.items()}
 
 

@@ -82,8 +82,7 @@ def load_for_inference(
 
 def prompt_ids(loaded: LoadedModel, messages: Messages) -> list[int]:
     """The token ids of the prompt that asks for the next assistant turn after ``messages``."""
-    text = loaded.prompt_format.render(loaded.tokenizer, messages)
-    return loaded.tokenizer(text, add_special_tokens=loaded.prompt_format.adds_special_tokens)["input_ids"]
+    return loaded.prompt_format.prompt_ids(loaded.tokenizer, messages)
 
 
 def request_messages(prompt: str | None = None, messages_file: str | Path | None = None) -> Messages:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,25 +27,18 @@ PROMPTS = ["abc", "hello there", "xyz xyz", "a", "the quick brown fox", "mnop", 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
-    """The app under uvicorn in a thread, on a free loopback port."""
+    """The app under uvicorn in a thread, on a port the system picks (port 0: no two tests can collide)."""
 
     def __init__(self, app) -> None:
-        self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started and time.time() < deadline:
+        deadline = time.time() + 600  # a guard against a hang, not a timing: the loop ends when it starts
+        while not self.server.started and self.thread.is_alive() and time.time() < deadline:
             time.sleep(0.02)
+        assert self.server.started, "uvicorn did not start"
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:
@@ -265,7 +257,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
         for line in response.iter_lines():
             if line.startswith("data:") and '"content":' in line and '"content":""' not in line:
                 break  # the first text arrived: leave
-    deadline = time.time() + 30
+    deadline = time.time() + 600  # a guard against a hang: the loop ends when the row is cancelled
     while engine.finished["cancelled"] == before and time.time() < deadline:
         time.sleep(0.05)
     assert engine.finished["cancelled"] == before + 1  # the row left the batch without decoding to 100 tokens
@@ -273,9 +265,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
 
 
 def test_sigterm_lets_requests_in_flight_finish(run_dir):
-    port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bitune", "serve", str(run_dir), "--port", str(port), "--model-name", "tiny"],
+        [sys.executable, "-m", "bitune", "serve", str(run_dir), "--port", "0", "--model-name", "tiny"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -283,26 +274,28 @@ def test_sigterm_lets_requests_in_flight_finish(run_dir):
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        log = []
+        for line in proc.stdout:  # the port the system picked, from uvicorn's own line (port 0: no collision)
+            log.append(line)
+            if "Uvicorn running on http://127.0.0.1:" in line:
+                port = int(line.split("http://127.0.0.1:")[1].split()[0])
+                break
+        else:
+            raise AssertionError("the server did not start: " + "".join(log))
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(chat, client, "abc", max_tokens=60)
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGTERM)
-            response = pending.result(timeout=120)
-        assert response.choices[0].finish_reason in ("length", "stop")  # answered in full after the SIGTERM
-        assert proc.wait(timeout=60) in (
+        stream = chat(client, "abc", max_tokens=60, stream=True)
+        pieces = [next(stream)]  # the request is in flight (its first chunk came back): now stop the server
+        proc.send_signal(signal.SIGTERM)
+        pieces += list(stream)
+        assert pieces[-1].choices[0].finish_reason in ("length", "stop")  # answered in full after the SIGTERM
+        expected = generate_text(load_for_inference(str(run_dir)), [{"role": "user", "content": "abc"}], 60)
+        assert "".join(c.choices[0].delta.content or "" for c in pieces) == expected
+        assert proc.wait(timeout=600) in (
             0,
             -signal.SIGTERM,
         )  # uvicorn re-raises the signal once it has drained
-        log = proc.stdout.read()
-        assert "Shutting down" in log and "Finished server process" in log
+        log.append(proc.stdout.read())
+        assert "Shutting down" in "".join(log) and "Finished server process" in "".join(log)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -93,10 +93,14 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_the_lock_free(tmp_pa
     path = write_config(tmp_path, max_steps=2000, save_steps=20, logging_steps=100)
     first = cli("train", str(path))
     holder = tmp_path / "run" / ".bitune.lock.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (holder.exists() and checkpoints(tmp_path / "run")):
+    deadline = time.time() + 600  # a guard against a hang: the loop ends at the first checkpoint
+    while (
+        time.time() < deadline
+        and first.poll() is None
+        and not (holder.exists() and checkpoints(tmp_path / "run"))
+    ):
         time.sleep(0.05)
-    assert first.poll() is None, first.communicate()
+    assert first.poll() is None and holder.exists(), first.communicate()
     second = cli("train", str(path), "--resume")
     _, err = second.communicate(timeout=120)
     assert second.returncode == 2

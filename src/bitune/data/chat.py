@@ -31,6 +31,7 @@ from typing import Any, TypedDict
 
 from transformers import PreTrainedTokenizerBase
 
+from .encoding import Rendered, check_content, encode, mark, with_content_spans
 from .templates import instruction_prompt, repeat_question
 
 TEMPLATES = ("paper", "chat", "raw")
@@ -176,24 +177,49 @@ class PromptFormat:
 
     def _chat_pair(self, tokenizer: PreTrainedTokenizerBase, messages, turn: int) -> tuple[str, str]:
         history = self.render(tokenizer, list(messages[:turn]))
-        full = tokenizer.apply_chat_template(
-            [*self.asked(list(messages[:turn])), messages[turn]],
-            tokenize=False,
-            chat_template=self.chat_template,
+        full = self._chat(
+            tokenizer, [*self.asked(list(messages[:turn])), messages[turn]], generation_prompt=False
         )
         if not full.startswith(history):
             raise ValueError("the chat template does not render the history as a prefix of the conversation")
-        return history, full[len(history) :]
+        return history, full.after(len(history))
 
-    def render(self, tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:
-        """The prompt text that asks for the next assistant turn after ``messages`` (inference and training)."""
-        if self.template == "chat":
+    def _chat(
+        self, tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation_prompt: bool
+    ) -> Rendered:
+        """``messages`` under the chat template, with where their contents lie (`bitune.data.encoding`)."""
+
+        def apply(conversation: list[dict]) -> str:
             return tokenizer.apply_chat_template(
-                self.asked(messages),
+                conversation,
                 tokenize=False,
-                add_generation_prompt=True,
+                add_generation_prompt=generation_prompt,
                 chat_template=self.chat_template,
             )
+
+        rendered = with_content_spans(apply(messages), apply(mark(messages)), messages)
+        if rendered.content is None:
+            check_content(messages, tokenizer)
+        return rendered
+
+    def encode(self, tokenizer: PreTrainedTokenizerBase, text: str, prompt: bool) -> list[int]:
+        """Token ids of a prompt or an answer written in this format: control tokens only from the template,
+        the tokenizer's own special tokens (BOS) for a prompt in the paper's or the raw format."""
+        add_special_tokens = prompt and self.adds_special_tokens
+        return encode(tokenizer, text, add_special_tokens, plain_text=self.template == "paper")
+
+    def prompt_ids(self, tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> list[int]:
+        """The token ids of the prompt that asks for the next assistant turn after ``messages``."""
+        return self.encode(tokenizer, self.render(tokenizer, messages), prompt=True)
+
+    def render(self, tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:
+        """The prompt text that asks for the next assistant turn after ``messages`` (inference and training).
+
+        Raises:
+            ValueError: for content holding a control token's text under a chat template that rewrites content.
+        """
+        if self.template == "chat":
+            return self._chat(tokenizer, self.asked(messages), generation_prompt=True)
         if self.template == "raw":
             return "".join(m["content"] for m in messages)
         # paper: earlier exchanges as Question/Answer pairs, then the question being asked

@@ -72,8 +72,8 @@ def tokenize_pair(
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token before building rows")
-    prompt_ids = tokenizer(prompt, add_special_tokens=prompt_format.adds_special_tokens)["input_ids"]
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    prompt_ids = prompt_format.encode(tokenizer, prompt, prompt=True)  # control tokens only from the template
+    answer_ids = prompt_format.encode(tokenizer, answer, prompt=False)
     doubled = prompt_format.template == "raw" and answer.endswith(tokenizer.eos_token)  # TRL's rule
     if prompt_format.appends_eos and not doubled:
         answer_ids = [*answer_ids, tokenizer.eos_token_id]
