@@ -198,6 +198,21 @@ def write_run_config(directory, name: str = "run", **training):
     return path
 
 
+def trained_weights(run_dir) -> dict[str, torch.Tensor]:
+    """Every trained tensor of a saved Bitune model (adapters and thetas), by file and name."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    run_dir, weights = Path(run_dir), {}
+    for name in ("causal", "bidir"):
+        weights.update(
+            {f"{name}/{k}": v for k, v in load_file(run_dir / name / "adapter_model.safetensors").items()}
+        )
+    weights.update({f"mixing/{k}": v for k, v in load_file(run_dir / "mixing.safetensors").items()})
+    return weights
+
+
 def grid_config(tmp_path, methods=None):
     """A compare config of a pretrained, a LoRA and a Bitune method over two seeds on a tiny model."""
     from bitune.experiments import load_compare_config

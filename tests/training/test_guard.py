@@ -4,6 +4,7 @@ run, logs with each step once, a diverged run stopped at its first non-finite up
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from bitune.training.callbacks import TrainingDiverged
 from bitune.training.run_config import load_run_config
 from bitune.training.trainer import train
 
-from conftest import write_run_config
+from conftest import trained_weights, write_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -154,3 +155,93 @@ def test_training_stops_at_the_first_non_finite_update_and_keeps_earlier_checkpo
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]  # valid JSON
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+
+
+# A child `bitune train` with two test hooks: SLOW_SAVE makes a checkpoint save stop half way (the Trainer's
+# state, written last, is not yet there) until the process is killed; GATE makes the process wait inside the
+# run lock, before the model loads, until the test lets it go. Both turn a race into a sequence of events.
+HOOKED_CLI = """
+import os, pathlib, sys, time
+import transformers
+import bitune.training.trainer as trainer
+from bitune.cli import main
+
+if os.environ.get("SLOW_SAVE"):
+    save_rng_state = transformers.Trainer._save_rng_state
+    def stalled(self, output_dir):
+        save_rng_state(self, output_dir)
+        if output_dir.endswith(os.environ["SLOW_SAVE_AT"]):
+            pathlib.Path(os.environ["SLOW_SAVE"]).write_text(output_dir)
+            time.sleep(3600)
+    transformers.Trainer._save_rng_state = stalled
+if os.environ.get("GATE"):
+    gate, build = pathlib.Path(os.environ["GATE"]), trainer._build_trainer
+    def gated(config):
+        (gate / f"locked-{os.getpid()}").touch()
+        while not (gate / "open").exists():
+            time.sleep(0.02)
+        return build(config)
+    trainer._build_trainer = gated
+main(sys.argv[1:])
+"""
+
+
+def hooked_cli(*args: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", HOOKED_CLI, *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+    )
+
+
+def wait_for(condition, process: subprocess.Popen, what: str) -> None:
+    """Until ``condition()`` (a guard of 600 s against a hang; the process must still run)."""
+    deadline = time.time() + 600
+    while not condition() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert condition(), f"{what}: {process.communicate()}"
+
+
+@pytest.mark.parametrize("other", ["a second resume", "a fresh start"])
+def test_killed_during_a_save_then_a_resume_and_another_writer_at_once_exactly_one_wins(tmp_path, other):
+    settings = dict(max_steps=12, save_steps=4, logging_steps=4, save_total_limit=None)
+    reference = train(load_run_config(write_config(tmp_path, "reference", **settings)))
+    path = write_config(tmp_path, "run", **settings)
+    run_dir, saving = tmp_path / "run", tmp_path / "saving"
+    holder = hooked_cli("train", str(path), SLOW_SAVE=str(saving), SLOW_SAVE_AT="checkpoint-8")
+    wait_for(saving.exists, holder, "the second save")
+    holder.send_signal(signal.SIGKILL)  # in the middle of writing checkpoint-8
+    holder.wait()
+    assert [c.name for c in checkpoints(run_dir)] == ["checkpoint-4", "checkpoint-8"]
+    assert latest_complete_checkpoint(run_dir).name == "checkpoint-4"  # the winner continues from it
+
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    second = ["--resume"] if other == "a second resume" else []
+    started = [
+        hooked_cli("train", str(path), "--resume", GATE=str(gate)),
+        hooked_cli("train", str(path), *second, GATE=str(gate)),
+    ]
+    # the winner waits inside the lock; the other must have given up by the time it is let go
+    wait_for(lambda: any(gate.glob("locked-*")), started[0], "a writer holding the lock")
+    [winner] = [p for p in started if (gate / f"locked-{p.pid}").exists()]
+    [loser] = [p for p in started if p is not winner]
+    _, err = loser.communicate(timeout=600)
+    assert loser.returncode == 2 and len(err.strip().splitlines()[-1:]) == 1 and "Traceback" not in err
+    expected = (
+        "is being written by another training process"
+        if other == "a second resume"
+        else "already holds a run"
+    )
+    assert expected in err, err
+    (gate / "open").touch()
+    _, err = winner.communicate(timeout=600)
+    assert winner.returncode == 0, err
+    assert not (gate / f"locked-{loser.pid}").exists()  # the loser never got in
+    assert logged_steps(run_dir) == [4, 8, 12]  # continued from checkpoint-4, each step logged once
+    ours, theirs = trained_weights(run_dir), trained_weights(reference)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -21,23 +21,13 @@ from bitune.layout import checkpoints, is_complete_checkpoint, latest_complete_c
 from bitune.training.run_config import load_run_config
 from bitune.training.trainer import train
 
-from conftest import write_run_config
+from conftest import trained_weights, write_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def write_config(directory: Path, output: str, **training) -> Path:
     return write_run_config(directory, output, **training)
-
-
-def trained_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    weights = {}
-    for name in ("causal", "bidir"):
-        weights.update(
-            {f"{name}/{k}": v for k, v in load_file(run_dir / name / "adapter_model.safetensors").items()}
-        )
-    weights.update({f"mixing/{k}": v for k, v in load_file(run_dir / "mixing.safetensors").items()})
-    return weights
 
 
 def run_cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:

@@ -53,6 +53,10 @@ class CompletionRequest(SamplingRequest):
             value = value[0]
         if not value:
             raise ValueError("prompt is empty")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("prompt is not valid Unicode text (a lone surrogate)") from None
         return value
 
 

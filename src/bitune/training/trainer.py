@@ -174,6 +174,8 @@ def train(config: RunConfig, resume: bool = False, allow_changes: tuple[str, ...
     """
     compat.check_trainer()
     output_dir = Path(config.training.output_dir)
+    if not resume and holds_run(output_dir):  # before the lock too: never hold it only to refuse
+        raise FileExistsError(f"{output_dir} already holds a run; pass resume=True (--resume) or another output_dir")
     created = not output_dir.exists()
     started = False
     main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun/accelerate set RANK per process
@@ -186,7 +188,7 @@ def train(config: RunConfig, resume: bool = False, allow_changes: tuple[str, ...
                 if checkpoint is not None:
                     step = trained_steps(checkpoint)
                     changes = resume_changes(config, output_dir, step, allow_changes)
-            elif holds_run(output_dir):
+            elif holds_run(output_dir):  # another writer made it while this one waited for nothing
                 raise FileExistsError(
                     f"{output_dir} already holds a run; pass resume=True (--resume) or another output_dir"
                 )

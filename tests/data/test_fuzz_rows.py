@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bitune.data import PromptFormat, build_rows, load_examples
+from fuzzing import ROW
 
-from .strategies import ROW
 from conftest import char_tokenizer, count_fuzz_example
 
 GOOD = {"prompt": "a question", "completion": "an answer"}  # so that a file is never wholly unusable
