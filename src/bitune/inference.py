@@ -54,10 +54,17 @@ class LoadedModel:
 
 
 def load_for_inference(
-    target: str, dtype: torch.dtype | str = torch.float32, device: str | torch.device | None = None
+    target: str,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+    merge: bool = True,
 ) -> LoadedModel:
     """Load a saved Bitune model (run, checkpoint or snapshot directory, or a published run's hub id) or a
     base model reference (packaged alias, directory, hub id).
+
+    Args:
+        merge: merge the causal LoRA adapter into the base weights so that decoding runs at the plain
+            model's speed (`BituneModel.merge_for_inference`; PEFT methods other than plain LoRA stay unmerged).
 
     Raises:
         ValueError: for a target that is neither (with the reason), or a damaged saved model.
@@ -77,6 +84,8 @@ def load_for_inference(
         prompt_format = PromptFormat.for_tokenizer(template, tokenizer)
     for param in model.parameters():
         param.requires_grad_(False)
+    if merge:
+        model.merge_for_inference()
     return LoadedModel(model.eval(), tokenizer, prompt_format, str(target))
 
 

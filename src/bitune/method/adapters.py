@@ -24,6 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
 from . import compat
+from .config import CAUSAL_ADAPTER
 
 
 def with_excluded_modules(config: PeftConfig, names: list[str] | tuple[str, ...]) -> PeftConfig:
@@ -97,6 +98,7 @@ class AdapterSwitch:
 
     def __init__(self, peft_model: PeftModel) -> None:
         self.peft_model = peft_model
+        self.merged = False  # the causal adapter is in the base weights (merging.py): using it is using none
         self.layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
         if not self.layers:
             raise ValueError("the PEFT model has no adapter layers: its config matched no module")
@@ -113,6 +115,10 @@ class AdapterSwitch:
         names = [names] if isinstance(names, str) else list(names)
         compat.set_active_adapters(self.layers, names)
         self.peft_model.base_model.active_adapter = names[0] if len(names) == 1 else names
+
+    def _active(self, name: str) -> list[str]:
+        """The PEFT adapters that run for Bitune's adapter ``name`` (none for a merged causal adapter)."""
+        return [] if self.merged and name == CAUSAL_ADAPTER else [name]
 
     @property
     def can_route_rows(self) -> bool:
@@ -136,7 +142,7 @@ class AdapterSwitch:
             raise ValueError(
                 "per-row adapters need plain LoRA layers (DoRA, IA3 and others cannot be routed)"
             )
-        unique = list(dict.fromkeys(names))
+        unique = [name for name in dict.fromkeys(names) if self._active(name)]
         rows = {name: torch.tensor([n == name for n in names]) for name in unique}
 
         def masked(name: str):
@@ -165,11 +171,11 @@ class AdapterSwitch:
     @contextmanager
     def use(self, name: str) -> Iterator[None]:
         """Make ``name`` the active adapter inside the block; the previous one is restored after it."""
-        previous = self.current
-        if previous == name:
+        previous, wanted = self.current, self._active(name)
+        if previous == (wanted[0] if len(wanted) == 1 else wanted):
             yield
             return
-        self._set(name)
+        self._set(wanted)
         try:
             yield
         finally:

@@ -93,3 +93,26 @@ def clear_gguf_quantizer(model: nn.Module) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+# --------------------------------------------------------------------------------- merging LoRA weights
+# Merging the causal adapter into the base weights and rewriting the bidirectional adapter as the difference
+# reads and writes a LoRA layer's factors; PEFT's own merge would stop every other adapter of the layer from
+# running (a merged layer forwards through its base layer alone).
+
+
+def plain_lora_factors(layer: nn.Module, name: str):
+    """(lora_A, lora_B, scaling) of adapter ``name`` in a plain LoRA layer (no DoRA, bias or variant), or
+    None if the layer has no such adapter or it is not plain LoRA."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    if not isinstance(layer, LoraLinear) or name not in getattr(layer, "lora_A", {}):
+        return None
+    if layer.use_dora.get(name) or layer.lora_bias.get(name) or name in getattr(layer, "lora_variant", {}):
+        return None
+    return layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
+
+
+def delta_weight(layer: nn.Module, name: str):
+    """``scaling * B @ A`` of adapter ``name``, laid out as the base layer's weight (GPT-2's Conv1D too)."""
+    return layer.get_delta_weight(name)

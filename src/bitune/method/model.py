@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -53,6 +53,7 @@ from .batching import (
 from .config import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig
 from .generation import generate_from_prefill
 from .loss import answer_loss, linear_cross_entropy
+from .merging import merge_for_inference, merge_problem, without_tuners
 from .mixing import KVMixing
 from .probes import NO_CHECKPOINTING, BaseModelSupport, probe_base_model, uses_gradient_checkpointing
 from .prompt_passes import PromptPasses
@@ -106,6 +107,9 @@ class BituneModel(nn.Module):
         self.support = support
         self.adapters = AdapterSwitch(peft_model)
         self.prompt_passes = self._prompt_passes(config.prompt_pass_options)
+        object.__setattr__(
+            self, "_plain", None
+        )  # the merged plain model (merge_for_inference); not a submodule
 
     def _prompt_passes(self, options) -> PromptPasses:
         decoder = self.base_model.get_decoder()
@@ -217,6 +221,8 @@ class BituneModel(nn.Module):
         """
         if self.training and uses_gradient_checkpointing(self.base_model):
             raise ValueError(NO_CHECKPOINTING)
+        if self.training and self.is_merged:
+            raise ValueError("a model merged for inference cannot train (merge_for_inference); load it again")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if prompt_lengths is None:
@@ -269,14 +275,11 @@ class BituneModel(nn.Module):
         Returns:
             (B, T, V) logits; ``logits[:, j]`` predicts the token after ``input_ids[:, j]``.
         """
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if self._plain is not None:  # merged: the causal adapter is in the plain model's weights
+            return self._plain(**inputs, past_key_values=cache, use_cache=True).logits
         with self.adapters.use(CAUSAL_ADAPTER):
-            return self.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-            ).logits
+            return self.base_model(**inputs, past_key_values=cache, use_cache=True).logits
 
     def _answer_hidden(self, answer: AnswerPass, cache: Cache) -> torch.Tensor:
         """The answer pass without the LM head: the decoder's last hidden states (B, Ta, H)."""
@@ -329,6 +332,10 @@ class BituneModel(nn.Module):
         Accepts left- or right-padded prompts; returns what ``generate`` returns for the same prompts
         left-padded (same width), so ``output[:, input_ids.shape[1]:]`` are the new tokens.
         """
+        if self._plain is not None:  # merged: decode with the plain model
+            return generate_from_prefill(
+                self._plain, self.prefill, nullcontext, input_ids, attention_mask, **generate_kwargs
+            )
         return generate_from_prefill(
             self.base_model,
             self.prefill,
@@ -337,6 +344,32 @@ class BituneModel(nn.Module):
             attention_mask,
             **generate_kwargs,
         )
+
+    # ------------------------------------------------------------------------------------- inference
+    @property
+    def is_merged(self) -> bool:
+        """Whether the causal adapter was merged into the base weights (`merge_for_inference`)."""
+        return self._plain is not None
+
+    def merge_for_inference(self) -> bool:
+        """Decode at the plain model's speed: merge the causal adapter into the base weights (in place) and
+        run the bidirectional pass with the exact difference of the two adapters (`bitune.method.merging`).
+        The model is for inference only afterwards. Only plain LoRA merges; other PEFT methods keep the
+        unmerged path.
+
+        Returns:
+            Whether the model is merged now.
+        """
+        if self.is_merged:
+            return True
+        if merge_problem(self.adapters) is not None:
+            return False
+        merge_for_inference(self.adapters)
+        object.__setattr__(self, "_plain", without_tuners(self.base_model).eval())
+        for param in self.parameters():
+            param.requires_grad_(False)
+        self.eval()
+        return True
 
     # --------------------------------------------------------------------------------------- training
     def activation_checkpointing_enable(self, *args, **kwargs) -> None:
@@ -354,8 +387,13 @@ class BituneModel(nn.Module):
         """Save adapters (PEFT format, one folder each), mixing coefficients and config (saving.py).
 
         Raises:
-            ValueError: if a trained weight is NaN or infinite (nothing is written).
+            ValueError: if a trained weight is NaN or infinite (nothing is written), or the model was merged
+                for inference (its factors are no longer the trained ones).
         """
+        if self.is_merged:
+            raise ValueError(
+                "a model merged for inference cannot be saved: save it before merge_for_inference"
+            )
         meta = {
             "bitune": self.bitune_config.to_dict(),
             "base_model": base_model_fingerprint(self.base_model),

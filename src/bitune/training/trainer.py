@@ -175,7 +175,9 @@ def train(config: RunConfig, resume: bool = False, allow_changes: tuple[str, ...
     compat.check_trainer()
     output_dir = Path(config.training.output_dir)
     if not resume and holds_run(output_dir):  # before the lock too: never hold it only to refuse
-        raise FileExistsError(f"{output_dir} already holds a run; pass resume=True (--resume) or another output_dir")
+        raise FileExistsError(
+            f"{output_dir} already holds a run; pass resume=True (--resume) or another output_dir"
+        )
     created = not output_dir.exists()
     started = False
     main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun/accelerate set RANK per process

@@ -1,0 +1,115 @@
+"""Merging for inference: the causal adapter in the base weights, the bidirectional pass through the exact
+difference of the two adapters, decoding through the plain model. In fp32 it computes what the unmerged model
+computes, on every architecture and every variant; what cannot merge keeps the unmerged path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from bitune import BituneConfig, get_bitune_model
+from bitune.method.merging import merge_problem, without_tuners
+from bitune.method.model import BituneModel
+
+from conftest import LENGTHS, PROMPTS, bitune_pair, make_batch, model_inputs, tiny_model
+
+VARIANTS = ["bitune", "naive_bidir", "no_mixing", "only_causal", "shared_weights", "lora"]
+
+
+def moved_thetas(model) -> None:
+    if model.mixing is not None:
+        with torch.no_grad():
+            model.mixing.theta_k.copy_(torch.linspace(0.002, 0.05, model.mixing.num_layers))
+            model.mixing.theta_v.copy_(torch.linspace(0.04, 0.003, model.mixing.num_layers))
+
+
+def merged_copy(model: BituneModel) -> BituneModel:
+    merged = copy.deepcopy(model)
+    assert merged.merge_for_inference() and merged.is_merged
+    return merged
+
+
+def test_merged_answer_logits_and_greedy_generation_equal_the_unmerged_model(arch):
+    model, _ = bitune_pair(arch)
+    moved_thetas(model)
+    model.eval()
+    merged = merged_copy(model)
+    batch = make_batch(LENGTHS, PROMPTS)
+    with torch.no_grad():
+        theirs, ours = model(**model_inputs(batch)), merged(**model_inputs(batch))
+    mask = theirs.answer_mask.bool()
+    torch.testing.assert_close(ours.logits[mask], theirs.logits[mask], atol=1e-4, rtol=1e-4)
+    prompts = torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(1))
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(merged.generate(prompts, **settings), model.generate(prompts, **settings))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_merges_to_the_same_cache_and_logits(variant):
+    model, _ = bitune_pair("llama", variant=variant)
+    moved_thetas(model)
+    model.eval()
+    merged = merged_copy(model)
+    ids = torch.randint(3, 60, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        theirs, ours = model.prefill(ids), merged.prefill(ids)
+        for a, b in zip(theirs.layers, ours.layers, strict=True):
+            torch.testing.assert_close(b.keys, a.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(b.values, a.values, atol=1e-5, rtol=1e-5)
+        mask, positions = torch.ones(2, 9, dtype=torch.long), torch.full((2, 1), 8)
+        step = ids[:, -1:]
+        torch.testing.assert_close(
+            merged.decode(ours, step, mask, positions),
+            model.decode(theirs, step, mask, positions),
+            atol=1e-4,
+            rtol=1e-4,
+        )
+
+
+def test_the_plain_model_has_no_tuner_layers_and_shares_the_merged_weights():
+    model, _ = bitune_pair("llama")
+    merged = merged_copy(model)
+    plain = merged._plain
+    assert not any(isinstance(m, BaseTunerLayer) for m in plain.modules())
+    shared = {id(p) for p in merged.parameters()}
+    assert all(id(p) in shared for p in plain.parameters())
+    assert not any(n.startswith("_plain") for n, _ in merged.named_parameters())  # not a submodule
+    untouched = without_tuners(model.base_model)
+    assert sum(p.numel() for p in untouched.parameters()) == sum(
+        p.numel() for p in tiny_model("llama").parameters()
+    )
+
+
+def test_what_cannot_merge_keeps_the_unmerged_path_and_a_merged_model_cannot_train_or_save(tmp_path):
+    dora = LoraConfig(r=4, lora_alpha=4, target_modules="all-linear", use_dora=True)
+    model = get_bitune_model(tiny_model("llama"), BituneConfig(peft_config=dora))
+    assert "not plain LoRA" in merge_problem(model.adapters)
+    assert not model.merge_for_inference() and not model.is_merged
+    merged = merged_copy(bitune_pair("llama")[0])
+    with pytest.raises(ValueError, match="cannot be saved"):
+        merged.save_pretrained(tmp_path / "x")
+    merged.train()
+    with pytest.raises(ValueError, match="cannot train"):
+        merged(**model_inputs(make_batch(LENGTHS, PROMPTS)))
+
+
+def test_in_bf16_the_merged_model_decodes_as_its_own_generate():
+    model, _ = bitune_pair("llama")
+    moved_thetas(model)
+    model = model.to(torch.bfloat16).eval()
+    merged = merged_copy(model)
+    assert merged.mixing.theta_k.dtype == torch.float32  # the mix stays fp32
+    prompts = torch.randint(3, 60, (1, 7), generator=torch.Generator().manual_seed(3))
+    output = merged.generate(prompts, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    cache = merged.prefill(prompts)  # the engine's loop: prefill, then one decode step per token
+    mask, current, tokens = torch.ones(1, 7, dtype=torch.long), prompts[:, -1:], []
+    for step in range(6):
+        logits = merged.decode(cache, current, mask, torch.tensor([[6 + step]]))[:, -1].float()
+        current = logits.argmax(-1, keepdim=True)
+        tokens.append(int(current))
+        mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
+    assert output[0, 7:].tolist() == tokens
