@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
+import uvicorn
 
 from bitune import BituneConfig, get_bitune_model
 from bitune.data import PromptFormat
@@ -33,3 +37,22 @@ def run_dir(tmp_path_factory):
     model.save_pretrained(root / "run")
     PromptFormat.for_tokenizer("chat", tokenizer).save(root / "run")
     return root / "run"
+
+
+class Server:
+    """The app under uvicorn in a thread, on a port the system picks (port 0: no two tests can collide)."""
+
+    def __init__(self, app) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 600  # a guard against a hang, not a timing: the loop ends when it starts
+        while not self.server.started and self.thread.is_alive() and time.time() < deadline:
+            time.sleep(0.02)
+        assert self.server.started, "uvicorn did not start"
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)

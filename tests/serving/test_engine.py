@@ -119,7 +119,7 @@ def test_requests_that_join_a_decoding_batch_answer_as_served_alone(loaded):
             first, *others = names
             sent = []
 
-            def submit_others(text):
+            def submit_others(text, logprobs):
                 if not sent:
                     sent.append(True)
                     for name in others:

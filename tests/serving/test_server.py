@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,27 +22,10 @@ uvicorn = pytest.importorskip("uvicorn")
 from bitune.inference import generate_text, load_for_inference, prompt_ids  # noqa: E402
 from bitune.serving.app import create_app  # noqa: E402
 
+from .conftest import Server  # noqa: E402
+
 PROMPTS = ["abc", "hello there", "xyz xyz", "a", "the quick brown fox", "mnop", "qq", "rst uvw"]
 REPO = Path(__file__).resolve().parents[2]
-
-
-class Server:
-    """The app under uvicorn in a thread, on a port the system picks (port 0: no two tests can collide)."""
-
-    def __init__(self, app) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 600  # a guard against a hang, not a timing: the loop ends when it starts
-        while not self.server.started and self.thread.is_alive() and time.time() < deadline:
-            time.sleep(0.02)
-        assert self.server.started, "uvicorn did not start"
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +186,79 @@ BAD_REQUESTS = [
         "model 'gpt-4' is not served here",
     ),
     ("completions", {"model": "tiny", "prompt": ""}, 400, "prompt is empty"),
-    ("completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ("completions", {"model": "tiny", "prompt": ["a"] * 17}, 400, "at most 16 prompts"),
+    ("completions", {"model": "tiny", "prompt": [[]]}, 400, "prompt is empty"),
+    ("completions", {"model": "tiny", "prompt": [5, 10**9]}, 400, "outside the vocabulary"),
+    ("completions", {"model": "tiny", "prompt": "x", "echo": True, "logprobs": 1}, 400, "bitune eval"),
+    (
+        "completions",
+        {"model": "tiny", "prompt": "x", "suffix": "y"},
+        400,
+        "suffix (insertion) is not supported",
+    ),
+    (
+        "chat/completions",
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 3,
+            "max_completion_tokens": 4,
+        },
+        400,
+        "max_tokens and max_completion_tokens differ",
+    ),
+    (
+        "chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_k": 3},
+        400,
+        "unknown fields ['top_k']",
+    ),
+    (
+        "chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+        400,
+        "tool calling is not supported",
+    ),
+    (
+        "chat/completions",
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_object"},
+        },
+        400,
+        "response_format",
+    ),
+    (
+        "chat/completions",
+        {"model": "tiny", "messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
+        400,
+        "tool messages and tool calls are not supported",
+    ),
+    (
+        "chat/completions",
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}],
+        },
+        400,
+        "content is null",
+    ),
+    (
+        "chat/completions",
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+        },
+        400,
+        "messages.0.content",
+    ),
+    (
+        "chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        400,
+        "top_logprobs needs logprobs",
+    ),
     (
         "completions",
         {"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]},

@@ -30,9 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..inference import LoadedModel
+
+# a token, its log-probability and the most likely alternatives (token, log-probability), from fp32 logits
+TokenLogprob = tuple[int, float, tuple[tuple[int, float], ...]]
 
 
 @dataclass
@@ -42,12 +45,21 @@ class Completion:
     text: str
     finish_reason: str  # "stop" (EOS, end-of-turn or a stop string), "length" or "cancelled"
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # of the tokens whose text is in ``text`` (if asked for)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # of each prompt token given those before it
 
 
 @dataclass(eq=False)
 class GenerationRequest:
-    """One sequence to generate. ``on_text`` gets each new piece of text and ``on_done`` the `Completion`;
-    both are called from the engine thread."""
+    """One sequence to generate. ``on_text`` gets each new piece of text (with the log-probabilities of the
+    tokens it completes, if asked for) and ``on_done`` the `Completion`; both are called from the engine
+    thread.
+
+    Args:
+        logprobs: with each token, its log-probability and this many most likely alternatives (None: none).
+        prompt_logprobs: also score the prompt itself, causally (the causal adapter alone; a plain causal
+            model's prompt logprobs, as ``echo`` returns them).
+    """
 
     prompt_ids: list[int]
     max_tokens: int
@@ -55,7 +67,9 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     generator: torch.Generator | None = None  # shared by the sequences of one API request (n > 1)
-    on_text: Callable[[str], None] = lambda text: None
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+    on_text: Callable[[str, list[TokenLogprob]], None] = lambda text, logprobs: None
     on_done: Callable[[Completion], None] = lambda completion: None
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: bool = False
@@ -69,6 +83,9 @@ class _Row:
         self.request = request
         self.tokens: list[int] = []
         self.sent = 0  # characters of the (stop-trimmed) text already sent
+        self.logprobs: list[TokenLogprob] = []  # of every token so far (when the request asks for them)
+        self.sent_logprobs = 0  # how many of them went out with the text
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         warpers = []
         if request.temperature > 0:
             warpers.append(TemperatureLogitsWarper(request.temperature))
@@ -210,6 +227,9 @@ class BatchingEngine:
         while batch.rows:
             logits = model.decode(batch.cache, batch.current, batch.mask, batch.positions)[:, -1].float()
             chosen = [self._next_token(row, logits[i : i + 1]) for i, row in enumerate(batch.rows)]
+            for i, (row, token) in enumerate(zip(batch.rows, chosen, strict=True)):
+                if row.request.logprobs is not None:
+                    row.logprobs.append(token_logprob(logits[i], token, row.request.logprobs))
             ended = [self._advance(row, token) for row, token in zip(batch.rows, chosen, strict=True)]
             batch.step(chosen, ended)
             room = self.max_batch_size - len(batch.rows)
@@ -221,13 +241,28 @@ class BatchingEngine:
 
     def _prefill(self, requests: list[GenerationRequest]) -> _Batch:
         prefilled = self.loaded.model.prefill_tokens([r.prompt_ids for r in requests])
+        rows = [_Row(r) for r in requests]
+        for row in rows:
+            if row.request.prompt_logprobs:
+                row.prompt_logprobs = self._prompt_logprobs(row.request)
         return _Batch(
-            [_Row(r) for r in requests],
+            rows,
             prefilled.cache,
             prefilled.attention_mask,
             prefilled.positions,
             prefilled.input_ids[:, -1:],
         )
+
+    def _prompt_logprobs(self, request: GenerationRequest) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it, read causally (the first has none)."""
+        ids = torch.tensor([request.prompt_ids], device=self.loaded.model.device)
+        positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
+        cache = DynamicCache(config=self.loaded.model.config)
+        logits = self.loaded.model.decode(cache, ids, torch.ones_like(ids), positions)[0].float()
+        top = request.logprobs or 0
+        return [None] + [
+            token_logprob(logits[i - 1], token, top) for i, token in enumerate(request.prompt_ids) if i
+        ]
 
     def _next_token(self, row: _Row, logits: torch.Tensor) -> int:
         if not row.warpers:
@@ -260,15 +295,44 @@ class BatchingEngine:
             if text.endswith("\ufffd"):
                 safe = min(safe, len(text) - 1)
             if safe > row.sent:
-                request.on_text(text[row.sent : safe])
+                request.on_text(text[row.sent : safe], self._unsent_logprobs(row, len(row.logprobs)))
                 row.sent = safe
             return False
-        if len(text) > row.sent:
-            request.on_text(text[row.sent :])
-        self._finish(request, Completion(text, reason, len(row.tokens)))
+        kept = self._tokens_in(row, len(text)) if request.logprobs is not None else 0
+        if len(text) > row.sent or kept > row.sent_logprobs:
+            request.on_text(text[row.sent :], self._unsent_logprobs(row, kept))
+        logprobs = row.logprobs[:kept] if request.logprobs is not None else None
+        self._finish(request, Completion(text, reason, len(row.tokens), logprobs, row.prompt_logprobs))
         return True
+
+    def _tokens_in(self, row: _Row, length: int) -> int:
+        """How many of the row's tokens the final text of ``length`` characters holds (a stop string cuts)."""
+        count = len(row.tokens)
+        while (
+            count
+            and len(self.loaded.tokenizer.decode(row.tokens[: count - 1], skip_special_tokens=True)) >= length
+        ):
+            count -= 1
+        return count
+
+    @staticmethod
+    def _unsent_logprobs(row: _Row, upto: int) -> list[TokenLogprob]:
+        """The log-probabilities not sent yet, up to token ``upto``; they go out with the text now sent."""
+        entries = row.logprobs[row.sent_logprobs : upto]
+        row.sent_logprobs = max(row.sent_logprobs, upto)
+        return entries
 
     def _finish(self, request: GenerationRequest, completion: Completion) -> None:
         self.finished[completion.finish_reason] += 1
         request.done = True
         request.on_done(completion)
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """``token``'s log-probability under the (V,) fp32 ``logits`` and the ``top`` most likely tokens'."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    alternatives = ()
+    if top:
+        values, indices = logprobs.topk(top)
+        alternatives = tuple(zip(indices.tolist(), values.tolist(), strict=True))
+    return int(token), float(logprobs[token]), alternatives
