@@ -2,10 +2,10 @@
 
 bitune train CONFIG.yaml [key=value ...] [--resume [--allow-change training.max_steps]]
 bitune compare CONFIG.yaml [key=value ...] [--report-only]
-bitune eval TARGET [--tasks ...] [--limit N]
+bitune eval TARGET [--tasks ...] [--limit N] [--choices listed|cloze] [--metric acc|acc_norm] [--prompt-repeat N]
 bitune generate TARGET "prompt" | --messages FILE  [--max-new-tokens N --temperature T --top-p P --seed S]
 bitune chat TARGET [--system TEXT]
-bitune serve TARGET [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch-size N] [--max-wait-ms T]
+bitune serve TARGET [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch-size N] [--max-wait-ms T] [--drain-timeout S]
 bitune push RUN_DIR REPO_ID [--private]
 
 Errors are one line on stderr; exit status 2 for bad input (config, data, arguments, a run directory
@@ -114,6 +114,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         model_name=args.model_name,
+        drain_timeout=args.drain_timeout,
     )
 
 
@@ -265,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-batch-size", type=_positive, default=8, help="requests decoded together")
     server.add_argument("--max-wait-ms", type=float, default=20.0, help="how long a batch waits to fill")
     server.add_argument("--model-name", default=None, help="the model id clients use (default: TARGET)")
+    server.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds requests in flight may take to finish before they are cancelled",
+    )
     server.set_defaults(func=_serve)
 
     publish = commands.add_parser(

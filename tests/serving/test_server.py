@@ -353,3 +353,60 @@ def test_sigterm_lets_requests_in_flight_finish(run_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# `bitune serve` whose every decoding step takes a second: a request of 1,000 tokens cannot finish within the
+# drain timeout, whatever the machine (the hook makes the order of events certain, not a race of speeds)
+SLOW_SERVE = """
+import sys, time
+import bitune.method.model as model
+decode = model.BituneModel.decode
+def slow(self, *args, **kwargs):
+    time.sleep(1.0)
+    return decode(self, *args, **kwargs)
+model.BituneModel.decode = slow
+from bitune.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_sigterm_cancels_what_the_drain_timeout_cannot_wait_for(run_dir):
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SLOW_SERVE,
+            "serve",
+            str(run_dir),
+            "--port",
+            "0",
+            "--model-name",
+            "tiny",
+            "--drain-timeout",
+            "2",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        log = []
+        for line in proc.stdout:
+            log.append(line)
+            if "Uvicorn running on http://127.0.0.1:" in line:
+                port = int(line.split("http://127.0.0.1:")[1].split()[0])
+                break
+        else:
+            raise AssertionError("the server did not start: " + "".join(log))
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        stream = chat(client, "abc", max_tokens=100, stream=True)
+        next(stream)  # in flight
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises((openai.APIError, httpx.HTTPError)):  # cut off, not answered in full
+            for chunk in stream:
+                assert chunk.choices[0].finish_reason is None  # never a finished answer
+        assert proc.wait(timeout=600) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
