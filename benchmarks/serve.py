@@ -1,5 +1,7 @@
 """Serving benchmark: `bitune serve` under load from the official `openai` client, on loopback, and the same
-base model under `transformers serve` (plain causal, no Bitune) at the same concurrency.
+base model under `transformers serve --continuous-batching` (plain causal, no Bitune, paged attention) at the
+same concurrency; with ``--plain-bitune`` also bitune's own engine serving the base model alone (the engine's
+cost without the second prompt pass).
 
     python benchmarks/serve.py                       # a Bitune run of the packaged smollm2-135m-instruct
     python benchmarks/serve.py --target runs/chat    # or a trained run
@@ -158,6 +160,7 @@ def main() -> None:
         help="requests per client at each level (at least 16 in all)",
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers serve")
+    parser.add_argument("--plain-bitune", action="store_true", help="also serve the base model with bitune")
     parser.add_argument("--output", default=None, help="write the measurements as JSON here")
     args = parser.parse_args()
 
@@ -201,6 +204,31 @@ def main() -> None:
         ]
     finally:
         bitune.close()
+    if args.plain_bitune:
+        port = free_port()
+        plain = Server(
+            [str(BIN / "bitune"), "serve", "smollm2-135m-instruct", "--port", str(port), "--model-name", "plain",
+             "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)],
+            port, work / "plain.log",
+        )  # fmt: skip
+        try:
+            client = OpenAI(base_url=f"{plain.url}/v1", api_key="x", max_retries=0, timeout=600)
+            report["bitune_plain_base"] = [
+                {
+                    k: v
+                    for k, v in load(
+                        client,
+                        "plain",
+                        level_prompts(prompts, c, args.requests_per_client),
+                        c,
+                        args.max_tokens,
+                    ).items()
+                    if k != "results"
+                }
+                for c in args.clients
+            ]
+        finally:
+            plain.close()
     if not args.no_baseline:
         from transformers import AutoTokenizer
 
@@ -214,7 +242,9 @@ def main() -> None:
 
         port = free_port()
         hf = Server(
-            [str(BIN / "transformers"), "serve", path, "--port", str(port)], port, work / "transformers.log"
+            [str(BIN / "transformers"), "serve", path, "--port", str(port), "--continuous-batching"],
+            port,
+            work / "transformers.log",
         )
         try:
             client = OpenAI(base_url=f"{hf.url}/v1", api_key="x", max_retries=0, timeout=600)
@@ -245,7 +275,7 @@ def print_table(report: dict) -> None:
     print(f"\n{report['target']}; {report['note']}")
     print("| clients | server | tokens/s | TTFT p50 [s] | latency p50 [s] | p95 [s] | tokens | requests |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in ("bitune", "transformers_serve"):
+    for name in ("bitune", "bitune_plain_base", "transformers_serve"):
         for row in report.get(name, []):
             print(
                 f"| {row['clients']} | {name} | {row['tokens_per_s']:.1f} | {row['ttft_p50']:.2f} | "
