@@ -22,20 +22,27 @@ from bitune.references import load_model
 
 
 @torch.no_grad()
-def step_seconds(step, prefill, batch_size: int, steps: int, repeats: int, cache_length: int = 40) -> float:
-    """The best over ``repeats`` of the mean time of ``steps`` decoding steps."""
-    best = float("inf")
+def step_seconds(step, prefill, batch_size: int, steps: int, cache_length: int = 40) -> float:
+    """The mean time of ``steps`` decoding steps from a fresh ``cache_length``-token cache."""
+    ids = torch.randint(0, 1000, (batch_size, cache_length))
+    mask = torch.ones_like(ids)
+    cache = prefill(ids, mask)
+    current = ids[:, -1:]
+    start = time.perf_counter()
+    for _ in range(steps):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = mask.sum(dim=1, keepdim=True) - 1
+        step(cache, current, mask, positions)
+    return (time.perf_counter() - start) / steps
+
+
+def best_of(contenders: dict, repeats: int, **run) -> dict[str, float]:
+    """Each contender's best time over ``repeats`` rounds, the contenders taking turns within a round (so that
+    the machine's drift reaches them alike)."""
+    best = dict.fromkeys(contenders, float("inf"))
     for _ in range(repeats):
-        ids = torch.randint(0, 1000, (batch_size, cache_length))
-        mask = torch.ones_like(ids)
-        cache = prefill(ids, mask)
-        current = ids[:, -1:]
-        start = time.perf_counter()
-        for _ in range(steps):
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            positions = mask.sum(dim=1, keepdim=True) - 1
-            step(cache, current, mask, positions)
-        best = min(best, (time.perf_counter() - start) / steps)
+        for name, (step, prefill) in contenders.items():
+            best[name] = min(best[name], step_seconds(step, prefill, **run))
     return best
 
 
@@ -70,11 +77,14 @@ def main() -> None:
         "| batch | plain [ms/step] | unmerged [ms/step] | merged [ms/step] | unmerged / plain | merged / plain |"
     )
     print("|---|---|---|---|---|---|")
+    contenders = {
+        "plain": (plain_step, plain_prefill),
+        "unmerged": (unmerged.decode, bitune_prefill(unmerged)),
+        "merged": (merged.decode, bitune_prefill(merged)),
+    }
     for batch_size in args.batch_sizes:
-        run = dict(batch_size=batch_size, steps=args.steps, repeats=args.repeats)
-        plain_s = step_seconds(plain_step, plain_prefill, **run)
-        unmerged_s = step_seconds(unmerged.decode, bitune_prefill(unmerged), **run)
-        merged_s = step_seconds(merged.decode, bitune_prefill(merged), **run)
+        best = best_of(contenders, args.repeats, batch_size=batch_size, steps=args.steps)
+        plain_s, unmerged_s, merged_s = best["plain"], best["unmerged"], best["merged"]
         print(
             f"| {batch_size} | {plain_s * 1000:.1f} | {unmerged_s * 1000:.1f} | {merged_s * 1000:.1f} | "
             f"{unmerged_s / plain_s:.2f} | {merged_s / plain_s:.2f} |"

@@ -16,7 +16,9 @@ cost without the second prompt pass).
 
 Without ``--target`` the served run is an untrained Bitune model of the packaged SmolLM2-135M-Instruct (zero
 adapters, mixing at its initial 50 %) saved to a temporary folder: it runs exactly the computation of a
-trained run (two prompt passes, mixing, causal decoding). Both servers are started and stopped by this
+trained run (two prompt passes, mixing, causal decoding). Its answers differ from the base model's, and so
+do their lengths, which moves tokens/s; ``--same-answers`` zeroes its thetas, so that it answers as the base
+model does (the same tokens from every server) while still computing both prompt passes and the mix. Both servers are started and stopped by this
 script; request counts are bounded. Do not run it while other jobs use the CPU.
 """
 
@@ -56,13 +58,22 @@ def questions(count: int) -> list[str]:
     return (firsts + variations)[:count]
 
 
-def untrained_run(folder: Path) -> Path:
+def untrained_run(folder: Path, same_answers: bool) -> Path:
+    import torch
+
     from bitune import BituneConfig, get_bitune_model
     from bitune.data import PromptFormat
     from bitune.references import load_model
 
     base, tokenizer = load_model("smollm2-135m-instruct")
-    get_bitune_model(base, BituneConfig()).save_pretrained(folder)
+    model = get_bitune_model(base, BituneConfig())
+    if (
+        same_answers
+    ):  # thetas 0: the mixed cache is the causal one, so the answers (and their lengths) are the
+        with torch.no_grad():  # base model's, while the computation is all of Bitune's
+            model.mixing.theta_k.zero_()
+            model.mixing.theta_v.zero_()
+    model.save_pretrained(folder)
     PromptFormat.for_tokenizer("chat", tokenizer).save(folder)
     return folder
 
@@ -161,11 +172,17 @@ def main() -> None:
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers serve")
     parser.add_argument("--plain-bitune", action="store_true", help="also serve the base model with bitune")
+    parser.add_argument(
+        "--same-answers",
+        action="store_true",
+        help="the untrained run with thetas 0: the base model's answers (equal work for every server), "
+        "computed with both prompt passes and the mix",
+    )
     parser.add_argument("--output", default=None, help="write the measurements as JSON here")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bitune-serve-bench-"))
-    target = args.target or str(untrained_run(work / "run"))
+    target = args.target or str(untrained_run(work / "run", args.same_answers))
     env_note = f"threads: torch default, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
     port = free_port()
     bitune = Server(
