@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,17 +19,17 @@ from bitune.references import load_model
 
 from conftest import char_tokenizer, randomize_adapters, tiny_model
 
+REPO = Path(__file__).resolve().parents[2]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}|{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
 )
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A tiny Bitune run (random adapters, thetas moved off their init) with a chat template."""
-    root = tmp_path_factory.mktemp("serve")
-    tiny_model("llama").save_pretrained(root / "base")
+def chat_run(root, **model_overrides):
+    """A tiny Bitune run (random adapters, thetas moved off their init) with a chat template in ``root/run``,
+    and its base model in ``root/base``."""
+    tiny_model("llama", **model_overrides).save_pretrained(root / "base")
     tokenizer = char_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(root / "base")
@@ -37,6 +41,31 @@ def run_dir(tmp_path_factory):
     model.save_pretrained(root / "run")
     PromptFormat.for_tokenizer("chat", tokenizer).save(root / "run")
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return chat_run(tmp_path_factory.mktemp("serve"))
+
+
+def serve_process(*args: str, code: str | None = None, **env) -> tuple[subprocess.Popen, int]:
+    """`bitune serve ARGS --port 0` in a child process (``code``: a script standing in for ``-m bitune``)
+    and the port the system picked, read from uvicorn's own line (port 0: no two tests can collide)."""
+    command = [sys.executable, *(["-c", code] if code else ["-m", "bitune"]), "serve", *args, "--port", "0"]
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **env},
+    )
+    log = []
+    for line in proc.stdout:
+        log.append(line)
+        if "Uvicorn running on http://127.0.0.1:" in line:
+            return proc, int(line.split("http://127.0.0.1:")[1].split()[0])
+    raise AssertionError("the server did not start: " + "".join(log))
 
 
 class Server:

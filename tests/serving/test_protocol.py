@@ -18,31 +18,18 @@ import torch
 
 openai = pytest.importorskip("openai")
 
-from bitune import BituneConfig, get_bitune_model  # noqa: E402
-from bitune.data import PromptFormat  # noqa: E402
 from bitune.inference import load_for_inference, prompt_ids  # noqa: E402
 from bitune.references import load_model  # noqa: E402
 from bitune.serving.app import create_app  # noqa: E402
 
-from .conftest import CHAT_TEMPLATE, Server  # noqa: E402
-from conftest import char_tokenizer, randomize_adapters, tiny_model  # noqa: E402
+from .conftest import CHAT_TEMPLATE, Server, chat_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def long_run(tmp_path_factory):
     """A Bitune run and its base with a context long enough for lm-eval's prompts (1,024 positions)."""
     root = tmp_path_factory.mktemp("protocol")
-    tiny_model("llama", max_position_embeddings=1024).save_pretrained(root / "base")
-    tokenizer = char_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(root / "base")
-    base, tokenizer = load_model(str(root / "base"))
-    model = get_bitune_model(base, BituneConfig())
-    randomize_adapters(model, std=0.2)
-    with torch.no_grad():
-        model.mixing.theta_k.copy_(torch.tensor([0.02, 0.005, 0.03]))
-    model.save_pretrained(root / "run")
-    PromptFormat.for_tokenizer("chat", tokenizer).save(root / "run")
+    chat_run(root, max_position_embeddings=1024)
     return root
 
 

@@ -4,13 +4,9 @@ changes nothing, every bad input, authentication, disconnects and SIGTERM."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,10 +18,9 @@ uvicorn = pytest.importorskip("uvicorn")
 from bitune.inference import generate_text, load_for_inference, prompt_ids  # noqa: E402
 from bitune.serving.app import create_app  # noqa: E402
 
-from .conftest import Server  # noqa: E402
+from .conftest import Server, serve_process  # noqa: E402
 
 PROMPTS = ["abc", "hello there", "xyz xyz", "a", "the quick brown fox", "mnop", "qq", "rst uvw"]
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -319,23 +314,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
 
 
 def test_sigterm_lets_requests_in_flight_finish(run_dir):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bitune", "serve", str(run_dir), "--port", "0", "--model-name", "tiny"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc, port = serve_process(str(run_dir), "--model-name", "tiny", OMP_NUM_THREADS="1")
     try:
-        log = []
-        for line in proc.stdout:  # the port the system picked, from uvicorn's own line (port 0: no collision)
-            log.append(line)
-            if "Uvicorn running on http://127.0.0.1:" in line:
-                port = int(line.split("http://127.0.0.1:")[1].split()[0])
-                break
-        else:
-            raise AssertionError("the server did not start: " + "".join(log))
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         stream = chat(client, "abc", max_tokens=60, stream=True)
         pieces = [next(stream)]  # the request is in flight (its first chunk came back): now stop the server
@@ -348,8 +328,8 @@ def test_sigterm_lets_requests_in_flight_finish(run_dir):
             0,
             -signal.SIGTERM,
         )  # uvicorn re-raises the signal once it has drained
-        log.append(proc.stdout.read())
-        assert "Shutting down" in "".join(log) and "Finished server process" in "".join(log)
+        log = proc.stdout.read()
+        assert "Shutting down" in log and "Finished server process" in log
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -371,34 +351,8 @@ main(sys.argv[1:])
 
 
 def test_sigterm_cancels_what_the_drain_timeout_cannot_wait_for(run_dir):
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            SLOW_SERVE,
-            "serve",
-            str(run_dir),
-            "--port",
-            "0",
-            "--model-name",
-            "tiny",
-            "--drain-timeout",
-            "2",
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc, port = serve_process(str(run_dir), "--model-name", "tiny", "--drain-timeout", "2", code=SLOW_SERVE)
     try:
-        log = []
-        for line in proc.stdout:
-            log.append(line)
-            if "Uvicorn running on http://127.0.0.1:" in line:
-                port = int(line.split("http://127.0.0.1:")[1].split()[0])
-                break
-        else:
-            raise AssertionError("the server did not start: " + "".join(log))
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         stream = chat(client, "abc", max_tokens=100, stream=True)
         next(stream)  # in flight
