@@ -65,9 +65,12 @@ def adapter_parameters(
     return {n: p for n, p in peft_model.named_parameters() if wanted.intersection(n.split("."))}
 
 
-def adapter_state_dict(peft_model: PeftModel, name: str) -> dict[str, torch.Tensor]:
-    """The weights of adapter ``name`` in PEFT's saved form (what ``adapter_model.safetensors`` holds)."""
-    return get_peft_model_state_dict(peft_model, adapter_name=name)
+def adapter_state_dict(
+    peft_model: PeftModel, name: str, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The weights of adapter ``name`` in PEFT's saved form (what ``adapter_model.safetensors`` holds),
+    taken from ``state_dict`` (keys as in ``peft_model.state_dict()``) when given."""
+    return get_peft_model_state_dict(peft_model, state_dict=state_dict, adapter_name=name)
 
 
 def load_adapter_state_dict(peft_model: PeftModel, name: str, weights: dict[str, torch.Tensor]) -> None:

@@ -56,7 +56,7 @@ from .loss import answer_loss, linear_cross_entropy
 from .merging import merge_for_inference, merge_problem, without_tuners
 from .mixing import KVMixing
 from .probes import NO_CHECKPOINTING, BaseModelSupport, probe_base_model, uses_gradient_checkpointing
-from .prompt_passes import PromptPasses
+from .prompt_passes import PromptPasses, anchored
 from .saving import (
     base_model_fingerprint,
     check_base_model,
@@ -156,6 +156,11 @@ class BituneModel(nn.Module):
         return self.base_model.device
 
     @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The base model's layer classes that must stay whole (what FSDP wraps one unit each)."""
+        return getattr(self.base_model, "_no_split_modules", None)
+
+    @property
     def adapter_configs(self) -> dict[str, PeftConfig]:
         """PEFT config of each adapter, as injected (the bidir one with its excluded modules)."""
         return {name: self.peft_model.peft_config[name] for name in self.bitune_config.adapter_names}
@@ -234,14 +239,17 @@ class BituneModel(nn.Module):
         if skip_logits is None:
             skip_logits = self.training and labels is not None and torch.is_grad_enabled()
         batch = split_prompt_answer(input_ids, attention_mask, prompt_lengths, labels)
-        cache = self.prompt_passes(batch.prompt_ids, batch.prompt_mask, batch.prompt_positions)
+        outputs: list[torch.Tensor] = []  # the prompt passes' last hidden states, kept in the loss's graph
+        cache = self.prompt_passes(batch.prompt_ids, batch.prompt_mask, batch.prompt_positions, outputs)
         head = self._fusable_head()
         if skip_logits and batch.targets is not None and head is not None:
             hidden = self._answer_hidden(batch.answer, cache)
-            loss = linear_cross_entropy(hidden, head, batch.targets, num_items_in_batch)
+            loss = anchored(linear_cross_entropy(hidden, head, batch.targets, num_items_in_batch), outputs)
             return BituneCausalLMOutput(loss=loss, logits=None, answer_mask=batch.answer_mask)
         logits = self.decode(cache, **batch.answer.decode_inputs())
-        loss = None if batch.targets is None else answer_loss(logits, batch.targets, num_items_in_batch)
+        loss = None
+        if batch.targets is not None:
+            loss = anchored(answer_loss(logits, batch.targets, num_items_in_batch), outputs)
         return BituneCausalLMOutput(
             loss=loss, logits=None if skip_logits else logits, answer_mask=batch.answer_mask
         )
@@ -383,8 +391,13 @@ class BituneModel(nn.Module):
         return False
 
     # ------------------------------------------------------------------------------------ persistence
-    def save_pretrained(self, save_directory: str | Path) -> None:
+    def save_pretrained(
+        self, save_directory: str | Path, trained: dict[str, torch.Tensor] | None = None
+    ) -> None:
         """Save adapters (PEFT format, one folder each), mixing coefficients and config (saving.py).
+
+        ``trained`` gives the trained weights by parameter name (as `named_parameters` names them) instead
+        of the model's own, e.g. gathered from a model sharded over processes; other names are ignored.
 
         Raises:
             ValueError: if a trained weight is NaN or infinite (nothing is written), or the model was merged
@@ -400,8 +413,20 @@ class BituneModel(nn.Module):
             "base_model_name_or_path": getattr(self.config, "name_or_path", None),
             "num_cache_layers": self.support.num_cache_layers,
         }
-        weights = {name: adapter_state_dict(self.peft_model, name) for name in self.adapter_configs}
-        mixing = dict(self.mixing.named_parameters()) if self.mixing is not None else None
+        if trained is None:
+            peft_state, mixing = (
+                None,
+                dict(self.mixing.named_parameters()) if self.mixing is not None else None,
+            )
+        else:
+            peft_state = {
+                k.removeprefix("peft_model."): v for k, v in trained.items() if k.startswith("peft_model.")
+            }
+            mixing = {k.removeprefix("mixing."): v for k, v in trained.items() if k.startswith("mixing.")}
+            mixing = mixing if self.mixing is not None else None
+        weights = {
+            name: adapter_state_dict(self.peft_model, name, peft_state) for name in self.adapter_configs
+        }
         save_bitune(save_directory, meta, self.adapter_configs, weights, mixing)
 
     def load_trained_weights(self, directory: str | Path) -> None:

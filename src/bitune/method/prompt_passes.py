@@ -10,6 +10,12 @@ when a `PromptPasses` is made, from its `PromptPassOptions` and what the probes 
 With ``recompute`` each forward is checkpointed as a whole (torch's non-reentrant activation checkpointing):
 only its cache is kept, and backward recomputes the pass's activations just before it needs them. Hugging
 Face's per-layer checkpointing cannot be used instead: it drops the cache.
+
+A prompt pass's last hidden states are not used, so its last layer would get its gradient only through the
+cache, behind the back of anything that hooks a module's outputs to prepare its backward (FSDP2 gathers a
+sharded layer's weights when the gradient reaches the layer's output, and without that reads freed
+storage). With ``outputs`` given, each pass's last hidden states are appended to it, for the loss to keep
+in the graph with weight zero (`anchored`), which changes no value and no gradient.
 """
 
 from __future__ import annotations
@@ -81,7 +87,11 @@ class PromptPasses:
         return shared and not problems
 
     def __call__(
-        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        positions: torch.Tensor,
+        outputs: list[torch.Tensor] | None = None,
     ) -> DynamicCache:
         """The cache of the prompts after every pass (and the mix).
 
@@ -89,11 +99,13 @@ class PromptPasses:
             prompt_ids: (B, Tp) prompt tokens without the template's last token.
             prompt_mask: (B, Tp) 1 for real tokens.
             positions: (B, Tp) position ids.
+            outputs: receives each forward's last hidden states (see the module's docstring).
         """
         if not prompt_ids.shape[1]:
             return DynamicCache(config=self.decoder.config)
+        outputs = [] if outputs is None else outputs
         if len(self.passes) == 1:
-            return self._run(prompt_ids, prompt_mask, positions, [self.passes[0]])
+            return self._run(prompt_ids, prompt_mask, positions, [self.passes[0]], outputs)
         if self.stacked:
             rows = [self.passes[0]] * len(prompt_ids) + [self.passes[1]] * len(prompt_ids)
             stacked = self._run(
@@ -101,23 +113,32 @@ class PromptPasses:
                 torch.cat([prompt_mask, prompt_mask]),
                 torch.cat([positions, positions]),
                 rows,
+                outputs,
             )
             return self.mixing.mix_stacked(stacked, len(prompt_ids))
-        causal, second = (self._run(prompt_ids, prompt_mask, positions, [p]) for p in self.passes)
+        causal, second = (self._run(prompt_ids, prompt_mask, positions, [p], outputs) for p in self.passes)
         return self.mixing(causal, second)
 
     def _run(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, rows: list[PromptPass]
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        rows: list[PromptPass],
+        outputs: list[torch.Tensor],
     ) -> DynamicCache:
         """One decoder forward filling a cache; ``rows`` is one pass for all rows, or one pass per row.
         Checkpointed (recomputed in backward) with ``options.recompute`` when gradients are on."""
         if self.options.recompute and torch.is_grad_enabled():
-            return checkpoint(self._forward, ids, mask, positions, rows, use_reentrant=False)
-        return self._forward(ids, mask, positions, rows)
+            cache, hidden = checkpoint(self._forward, ids, mask, positions, rows, use_reentrant=False)
+        else:
+            cache, hidden = self._forward(ids, mask, positions, rows)
+        outputs.append(hidden)
+        return cache
 
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, rows: list[PromptPass]
-    ) -> DynamicCache:
+    ) -> tuple[DynamicCache, torch.Tensor]:
         config, dtype = self.decoder.config, self.decoder.dtype
         cache = DynamicCache(config=config)
         kinds = [p.mask for p in rows]
@@ -130,12 +151,19 @@ class PromptPasses:
             self.adapters.use(adapters[0]) if len(set(adapters)) == 1 else self.adapters.per_row(adapters)
         )
         with routing:
-            self.decoder(
+            hidden = self.decoder(
                 input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, **mask_kwargs
-            )
+            ).last_hidden_state
         if cache.get_seq_length() != ids.shape[1]:
             raise RuntimeError(
                 f"a prompt pass left a cache of {cache.get_seq_length()} tokens for {ids.shape[1]}: the model "
                 "dropped its KV cache (gradient checkpointing?)"
             )
-        return cache
+        return cache, hidden
+
+
+def anchored(loss: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
+    """``loss`` with the prompt passes' ``outputs`` in its graph at weight zero (same value, same gradients)."""
+    for hidden in outputs:
+        loss = loss + hidden.sum() * 0.0
+    return loss

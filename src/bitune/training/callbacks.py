@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 
 from ..data import PromptFormat
 from ..layout import LOG_CSV, LOG_JSONL, is_model_dir, latest_complete_checkpoint, snapshot_dir
+from .sharding import all_processes_agree, gathered_trained_weights, is_sharded, local
 
 if TYPE_CHECKING:
     from ..method.model import BituneModel
@@ -63,14 +64,18 @@ class FiniteCheck(TrainerCallback):
             "(or check the data) and start a new run"
         )
 
+    @staticmethod
+    def _finite(tensors: list[torch.Tensor]) -> bool:
+        """Whether every tensor is finite on every process (each checks its shards)."""
+        finite = not tensors or bool(torch.stack([torch.isfinite(local(t)).all() for t in tensors]).all())
+        return all_processes_agree(finite)
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        grads = [p.grad for p in self._trainable() if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        if not self._finite([p.grad for p in self._trainable() if p.grad is not None]):
             self._stop(state.global_step + 1, "the gradient is not finite")
 
     def on_step_end(self, args, state, control, **kwargs):
-        weights = self._trainable()
-        if weights and not bool(torch.stack([torch.isfinite(p).all() for p in weights]).all()):
+        if not self._finite(self._trainable()):
             self._stop(state.global_step, "the trained weights are not finite after the optimizer step")
 
 
@@ -150,10 +155,13 @@ class SnapshotCallback(TrainerCallback):
 
     def _snapshot(self, state, step: int) -> None:
         folder = snapshot_dir(self.output_dir, step)
-        if state.is_world_process_zero and step in self.steps and not is_model_dir(folder):
+        if step not in self.steps or not all_processes_agree(not is_model_dir(folder)):
+            return
+        trained = gathered_trained_weights(self.model) if is_sharded(self.model) else None  # every process
+        if state.is_world_process_zero:
             if self.prompt_format is not None:
                 self.prompt_format.save(folder)
-            self.model.save_pretrained(folder)
+            self.model.save_pretrained(folder, trained=trained)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._snapshot(state, 0)

@@ -35,6 +35,7 @@ from ..layout import RUN_CONFIG, checkpoints, is_model_dir, latest_complete_chec
 from ..method import compat
 from ..method.model import get_bitune_model
 from ..references import load_model
+from . import sharding
 from .callbacks import FiniteCheck, MixingLogCallback, SnapshotCallback
 from .guard import RunLock, record_resume, resume_changes, trim_logs
 from .optim import optimizer_cls_and_kwargs
@@ -56,25 +57,58 @@ class BituneTrainerMixin:
     resume or to end with the best one, and the mean mixing ratios in its logs."""
 
     prompt_format: PromptFormat | None = None
+    _loaded_before_sharding: str | None = None
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if sharding.fsdp_requested():
+            sharding.enable_fsdp(self.accelerator, self.model)
+            self.is_fsdp_enabled = True
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        if resume_from_checkpoint and self.is_fsdp_enabled and not sharding.is_sharded(self.model):
+            # into the whole model, before accelerate shards it (the Trainer would load after that)
+            self.accelerator.unwrap_model(self.model).load_trained_weights(resume_from_checkpoint)
+            self._loaded_before_sharding = str(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if sharding.is_sharded(model):  # gather what trains (not the frozen base), on every process
+            self._save(output_dir, state_dict=sharding.gathered_trained_weights(model))
+        else:
+            super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, trained=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         if self.prompt_format is not None:
             self.prompt_format.save(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        with sharding.without_full_model_copy() if self.is_fsdp_enabled else contextlib.nullcontext():
+            super()._save_optimizer_and_scheduler(output_dir)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        self.accelerator.unwrap_model(model or self.model).load_trained_weights(resume_from_checkpoint)
+        if str(resume_from_checkpoint) != self._loaded_before_sharding:
+            self._load_trained_weights(resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
         if best and is_model_dir(best):
-            self.accelerator.unwrap_model(self.model).load_trained_weights(best)
+            self._load_trained_weights(best)
+
+    def _load_trained_weights(self, directory: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(model or self.model)
+        if sharding.is_sharded(model):
+            sharding.load_trained_weights(model, directory)
+        else:
+            model.load_trained_weights(directory)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model)

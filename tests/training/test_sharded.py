@@ -1,0 +1,164 @@
+"""Sharded training on 2 CPU processes over gloo: FSDP2 through ``accelerate launch`` against one process
+with the same global batch, a kill and a resume, the thetas' precision, and the saved run in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bitune.layout import checkpoints, is_complete_checkpoint
+from bitune.training import sharding
+from bitune.training.run_config import load_run_config
+from bitune.training.trainer import train
+
+from conftest import trained_weights, write_run_config
+
+REPO = Path(__file__).resolve().parents[2]
+FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp.yaml"
+
+# `bitune train` in each launched process, with test hooks: KILL_AFTER kills every process once the checkpoint
+# it names is saved whole (a kill between two checkpoints, as a sequence rather than a race); CHECK_THETAS
+# asserts at every update that the thetas are whole fp32 parameters beside sharded adapters.
+HOOKED_TRAIN = """
+import os, signal, sys
+import torch
+import transformers
+from bitune.cli import main
+
+if os.environ.get("KILL_AFTER"):
+    save_checkpoint = transformers.Trainer._save_checkpoint
+    def killed(self, model, trial):
+        save_checkpoint(self, model, trial)
+        if self.state.global_step == int(os.environ["KILL_AFTER"]):
+            torch.distributed.barrier()
+            os.kill(os.getpid(), signal.SIGKILL)
+    transformers.Trainer._save_checkpoint = killed
+if os.environ.get("CHECK_THETAS"):
+    from torch.distributed.tensor import DTensor
+    training_step = transformers.Trainer.training_step
+    def checked(self, model, *args, **kwargs):
+        bitune_model = self.accelerator.unwrap_model(model)
+        thetas = list(bitune_model.mixing.parameters())
+        assert thetas and all(type(t) is torch.nn.Parameter and t.dtype == torch.float32 for t in thetas)
+        adapters = [p for n, p in bitune_model.named_parameters() if "lora_" in n]
+        assert adapters and all(isinstance(p, DTensor) for p in adapters)
+        with open(os.environ["CHECK_THETAS"], "a") as handle:
+            handle.write(f"{self.state.global_step}\\n")
+        return training_step(self, model, *args, **kwargs)
+    transformers.Trainer.training_step = checked
+main(sys.argv[1:])
+"""
+
+
+def launch(directory: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of the shipped FSDP config on 2 processes (over gloo on CPU)."""
+    script = directory / "hooked_train.py"
+    script.write_text(HOOKED_TRAIN)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG)]
+    command += ["--num_processes", "2", str(script), *args]
+    return subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
+    )
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_matches_one_process_resumes_after_a_kill_and_loads_in_one(tmp_path):
+    single = train(
+        load_run_config(write_run_config(tmp_path, "single", batch_size=4, gradient_accumulation_steps=1))
+    )
+    path = write_run_config(tmp_path, "fsdp", batch_size=2, gradient_accumulation_steps=1)
+    run_dir = tmp_path / "fsdp"
+
+    killed = launch(tmp_path, "train", str(path), env={"KILL_AFTER": "4"})
+    assert killed.returncode != 0, killed.stdout + killed.stderr
+    assert [c.name for c in checkpoints(run_dir)] == ["checkpoint-4"] and is_complete_checkpoint(
+        run_dir / "checkpoint-4"
+    )
+    assert not (run_dir / "bitune_config.json").exists()  # killed mid-training
+    checkpoint = run_dir / "checkpoint-4"
+    assert not list(checkpoint.glob("pytorch_model*"))  # no copy of the whole model (frozen base included)
+    saved = [k for f in checkpoint.rglob("*.safetensors") for k in load_file(f)]
+    assert saved and all("lora_" in k or k.startswith("theta_") for k in saved)
+
+    resumed = launch(tmp_path, "train", str(path), "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    # FSDP2 reduce-scatters the mean gradient of the two halves of each global batch, as DDP all-reduces it;
+    # clipping sees the same total norm (accelerate gathers the sharded norms), so the updates agree up to
+    # the order of float additions.
+    assert losses(run_dir) == pytest.approx(losses(single), rel=1e-5)
+    ours, theirs = trained_weights(run_dir), trained_weights(single)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert any("lora_B" in n and ours[n].abs().sum() > 0 for n in ours)  # training did change the weights
+    assert {v.dtype for k, v in ours.items() if k.startswith("mixing/")} == {torch.float32}
+
+    # the saved run is whole: one process loads it and scores as the one-process run does
+    from bitune.method.model import BituneModel
+    from bitune.references import load_model
+
+    batch = torch.randint(3, 90, (2, 20), generator=torch.Generator().manual_seed(0))
+    labels = batch.clone()
+    labels[:, :12] = -100
+    scores = []
+    for directory in (run_dir, single):
+        base, _ = load_model(str(tmp_path / "tiny-model"))
+        model = BituneModel.from_pretrained(base, directory)
+        with torch.no_grad():
+            scores.append(model(input_ids=batch, labels=labels, skip_logits=False).logits)
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp2_keeps_the_thetas_whole_and_fp32_under_bf16_mixed_precision(tmp_path):
+    path = write_run_config(
+        tmp_path, "bf16", batch_size=2, gradient_accumulation_steps=2, trainer_args={"bf16": True}
+    )
+    steps = tmp_path / "steps.txt"
+    proc = launch(tmp_path, "train", str(path), env={"CHECK_THETAS": str(steps)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(steps.read_text().split()) == 2 * 8 * 2  # every micro-step of both processes was checked
+    fp32 = train(
+        load_run_config(write_run_config(tmp_path, "fp32", batch_size=4, gradient_accumulation_steps=2))
+    )
+    # bf16 compute: the losses move off the fp32 ones by bf16's rounding (8 bits of mantissa), no more
+    record, reference = losses(tmp_path / "bf16"), losses(fp32)
+    assert record == pytest.approx(reference, rel=2e-2) and record != pytest.approx(reference, rel=1e-5)
+    mixing = load_file(tmp_path / "bf16" / "mixing.safetensors")
+    assert {v.dtype for v in mixing.values()} == {torch.float32}
+
+
+def test_fsdp_configs_bitune_cannot_train_with_are_refused_by_name():
+    from accelerate.utils import DistributedType
+
+    for plugin, message in [
+        (SimpleNamespace(fsdp_version=1, cpu_ram_efficient_loading=False), "FSDP2 only; set fsdp_version: 2"),
+        (SimpleNamespace(fsdp_version=2, cpu_ram_efficient_loading=True), "fsdp_cpu_ram_efficient_loading"),
+    ]:
+        accelerator = SimpleNamespace(
+            state=SimpleNamespace(distributed_type=DistributedType.FSDP, fsdp_plugin=plugin)
+        )
+        with pytest.raises(ValueError, match=message):
+            sharding.enable_fsdp(accelerator, SimpleNamespace(mixing=None))
+
+
+def test_the_shipped_fsdp_config_asks_for_fsdp2_with_whole_decoder_layers():
+    import yaml
+
+    config = yaml.safe_load(FSDP_CONFIG.read_text())
+    assert config["distributed_type"] == "FSDP"
+    assert config["fsdp_config"]["fsdp_version"] == 2
+    assert config["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert config["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is False
