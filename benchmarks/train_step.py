@@ -4,6 +4,12 @@ one run.
     python benchmarks/train_step.py                                   # both shapes, 64:64, 50:200, 200:50
     python benchmarks/train_step.py --shapes smollm2-135m --lengths 64:64 --repeats 7
     python benchmarks/train_step.py --no-memory                       # time only
+    python benchmarks/train_step.py --sharding                        # DDP vs FSDP2, 2 processes
+
+With ``--sharding``: ``bitune train`` of the packaged SmolLM2-135M-Instruct (real weights and shape) on 64
+ARC-Easy rows, launched with ``configs/accelerate/ddp.yaml`` and ``fsdp.yaml`` on 2 processes (gloo on
+CPU), batch 2 per process, 12 updates; the Trainer's ``train_runtime`` (the same steps, data loading and
+logging in both) and the peak resident set of the largest process, as FSDP2 / DDP ratios.
 
 Methods (benchmarks/shapes.py): ``hf_peft_lora`` (HF model + PEFT LoRA over the whole sequence, labels
 -100 on the prompt), bitune's ``lora`` and ``bitune``, and ``bitune_recompute`` (``checkpoint_prompt_passes``);
@@ -111,6 +117,68 @@ def measure_memory(
     return out
 
 
+def sharded_run(launcher: str, directory: Path) -> dict[str, float]:
+    """One ``accelerate launch`` of ``bitune train`` (from a child process, so its peak is its own)."""
+    repo = Path(__file__).resolve().parents[1]
+    config = {
+        "model": {"name": "smollm2-135m-instruct"},
+        "data": {"train": "arc_easy", "limit": 64, "max_length": 256},
+        "training": {
+            "output_dir": str(directory / launcher),
+            "max_steps": 12,
+            "batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "save_steps": 1000,
+            "logging_steps": 4,
+            "report_to": ["none"],
+        },
+    }
+    path = directory / f"{launcher}.yaml"
+    path.write_text(json.dumps(config))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(repo / "configs" / "accelerate" / f"{launcher}.yaml"), "--num_processes", "2"]
+    launch += ["-m", "bitune", "train", str(path)]
+    if launcher == "ddp":
+        launch[3:5] = [
+            "--multi_gpu",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
+    child = (
+        "import json, resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+        "print(json.dumps(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024))"
+    )
+    done = subprocess.run([sys.executable, "-c", child, *launch], cwd=repo, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{launcher}: {done.stderr[-2000:]}")
+    state = json.loads((directory / launcher / "trainer_state.json").read_text())
+    runtime = next(r["train_runtime"] for r in state["log_history"] if "train_runtime" in r)
+    return {"seconds": runtime, "peak_mb": float(done.stdout.strip().splitlines()[-1])}
+
+
+def compare_sharding(repeats: int) -> None:
+    import tempfile
+
+    print(f"2 processes, SmolLM2-135M-Instruct, 12 updates of 2 x 2 rows, {repeats} runs each (medians)")
+    runs = {"ddp": [], "fsdp": []}
+    for _ in range(repeats):
+        for launcher in runs:  # interleaved: the machine's noise falls on both
+            with tempfile.TemporaryDirectory() as directory:
+                runs[launcher].append(sharded_run(launcher, Path(directory)))
+    cells = {
+        k: {m: statistics.median(r[m] for r in v) for m in ("seconds", "peak_mb")} for k, v in runs.items()
+    }
+    print("| launcher | train_runtime [s] | peak RSS per process [MB] | time / DDP | memory / DDP |")
+    print("|---|---|---|---|---|")
+    for launcher, c in cells.items():
+        t, m = c["seconds"] / cells["ddp"]["seconds"], c["peak_mb"] / cells["ddp"]["peak_mb"]
+        print(f"| {launcher} | {c['seconds']:.1f} | {c['peak_mb']:.0f} | {t:.3f} | {m:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -122,7 +190,11 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--sharding", action="store_true", help="DDP vs FSDP2 on 2 processes (see above)")
     args = parser.parse_args()
+    if args.sharding:
+        compare_sharding(args.repeats)
+        return
     if args.memory_child:
         shape, method, prompt, answer, batch = args.memory_child
         memory_child(shape, method, int(prompt), int(answer), int(batch))
