@@ -9,6 +9,7 @@
       snapshots/step-N/                                           the model after N updates (training.snapshot_steps)
       eval/                                                       `bitune eval RUN` reports
       record.json                                                 a compare grid's scores of this run
+      score-cache/                                                its scores in progress (gone once recorded)
 
 Every folder holding ``bitune_config.json`` (the run, a checkpoint, a snapshot) is a loadable Bitune model
 that records its base model, so it can be evaluated or served on its own.
@@ -31,6 +32,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 SNAPSHOTS = "snapshots"
 EVAL_DIR = "eval"
 RECORD = "record.json"
+SCORE_CACHE = "score-cache"  # a grid run's scores in progress (lm-eval's request cache), gone once recorded
 
 
 def is_model_dir(path: str | Path) -> bool:

@@ -236,3 +236,40 @@ def test_a_run_interrupted_between_curve_points_scores_only_the_missing_point(tm
     assert (
         "2" in json.loads((config.report_path / "results.json").read_text())["runs"]["bitune/seed1"]["curve"]
     )
+
+
+def test_a_scoring_stopped_half_way_continues_from_its_cache_and_scores_the_same(tmp_path, monkeypatch):
+    import bitune.evaluation.scoring as scoring
+
+    config = grid_config(tmp_path, methods={"bitune": {}})
+    config.seeds = [1]
+    real, scored = scoring._score_group, []
+
+    def stopped_after_two_groups(model, prompts, requests):
+        if len(scored) == 2:
+            raise RuntimeError("killed while scoring")
+        out = real(model, prompts, requests)
+        scored.append(len(requests))
+        return out
+
+    monkeypatch.setattr(scoring, "_score_group", stopped_after_two_groups)
+    assert run_grid(config)["failures"]
+    run_dir = config.run_dir("bitune", 1)
+    assert len(list((run_dir / "score-cache").iterdir())) == 1  # what the two groups scored, kept
+
+    def counted(model, prompts, requests):
+        scored.append(len(requests))
+        return real(model, prompts, requests)
+
+    monkeypatch.setattr(scoring, "_score_group", counted)
+    before, scored[:] = sum(scored), []
+    resumed = run_grid(config)
+    assert not resumed["failures"]
+    total = sum(scored) + before
+    assert before > 0 and total == 6 * 4  # six questions of four choices: each scored once, over two runs
+    assert not (run_dir / "score-cache").exists()  # recorded: the cache is gone
+    forget(config, "bitune", 1)
+    scored[:] = []
+    again = run_grid(config)  # scored from scratch
+    assert sum(scored) == 6 * 4
+    assert again["results"] == resumed["results"]

@@ -155,11 +155,14 @@ class BituneLM(HFLM):
             total=len(scored), disable=disable_tqdm or self.rank != 0, desc="bitune loglikelihood"
         )
         results = score_continuations(
-            self.bitune_model, scored, batch_size=batch_size, progress=progress.update
+            self.bitune_model,
+            scored,
+            batch_size=batch_size,
+            progress=progress.update,
+            # into lm-eval's cache (`use_cache`) as each is scored: an interrupted scoring resumes there
+            scored=lambda i, output: self.cache_hook.add_partial("loglikelihood", requests[i][0], output),
         )
         progress.close()
-        for request, output in zip(requests, results, strict=True):
-            self.cache_hook.add_partial("loglikelihood", request[0], output)
         return results
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:

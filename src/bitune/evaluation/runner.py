@@ -71,6 +71,7 @@ def evaluate_target(
     choices: str = "listed",
     metric: str = "acc",
     prompt_repeat: int | None = None,
+    cache: str | Path | None = None,
 ) -> dict[str, dict]:
     """Scores of a Bitune model directory or a base model (alias, directory, hub id) on bitune tasks.
 
@@ -81,6 +82,9 @@ def evaluate_target(
         metric: the headline score of a multiple-choice task, ``acc`` or ``acc_norm``.
         prompt_repeat: send each question this many times (default: as the run was trained; 1 for a base
             model).
+        cache: a path for lm-eval's request cache (``use_cache``; ``_rank0.db`` is appended): every
+            continuation scored is written there at once, and a scoring started again with the same cache
+            scores only what is not in it. It must belong to this target and these arguments alone.
     """
     names = [lm_eval_task(t, source, choices) for t in tasks]
     if limit is not None and limit < 1:
@@ -95,6 +99,9 @@ def evaluate_target(
     model_args = {"pretrained": str(target), "trust_remote_code": trust_remote_code}
     if prompt_repeat is not None:
         model_args["prompt_repeat"] = prompt_repeat
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        extra["use_cache"] = str(cache)
     results = evaluate(model_args, names, limit=limit, batch_size=batch_size, **extra)
     return summarize(results, list(tasks), source, choices, metric)
 

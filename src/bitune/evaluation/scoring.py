@@ -30,11 +30,13 @@ def score_continuations(
     requests: Sequence[ContinuationRequest],
     batch_size: int = 16,
     progress: Callable[[int], object] | None = None,
+    scored: Callable[[int, tuple[float, bool]], object] | None = None,
 ) -> list[tuple[float, bool]]:
     """(sum of log-probabilities, whether every token is the greedy choice) for each request.
 
     Requests that share a prompt share one prefill; ``batch_size`` counts distinct prompts per forward.
-    ``progress`` is called with the number of requests scored after each forward.
+    ``progress`` is called with the number of requests scored after each forward, ``scored`` with each
+    request's index and result as soon as it has one (e.g. to cache it).
     """
     if any(not r.prompt or not r.continuation for r in requests):
         raise ValueError("every request needs a non-empty prompt and continuation")
@@ -47,10 +49,12 @@ def score_continuations(
     for start in range(0, len(prompts), batch_size):
         group = prompts[start : start + batch_size]
         members = [i for prompt in group for i in by_prompt[prompt]]
-        for i, scored in zip(
+        for i, result in zip(
             members, _score_group(model, group, [requests[i] for i in members]), strict=True
         ):
-            results[i] = scored
+            results[i] = result
+            if scored is not None:
+                scored(i, result)
         if progress is not None:
             progress(len(members))
     return results

@@ -9,7 +9,9 @@ after every run.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 
 from ..evaluation import runner as evaluation
 from ..evaluation.tables import paired_table, stderr_note
-from ..layout import LOG_JSONL, RECORD, RUN_CONFIG, is_model_dir, snapshot_dir, trained_steps
+from ..layout import LOG_JSONL, RECORD, RUN_CONFIG, SCORE_CACHE, is_model_dir, snapshot_dir, trained_steps
 from ..training.trainer import train
 from .config import ALL, CompareConfig, run_key
 from .figures import plot_grid
@@ -94,6 +96,10 @@ def run_one(config: CompareConfig, report: GridReport, task: str, method: str, s
             return
         began = time.perf_counter()
         e = config.evaluation
+        repeat = None if config.is_trained(method) else run_config.data.prompt_repeat
+        # what is scored goes to a cache at once, so a scoring stopped half way continues where it was
+        key = json.dumps([model, record.get("steps"), repeat, e.source, e.choices, e.limit, sorted(todo)])
+        cache = run_dir / SCORE_CACHE / hashlib.sha256(key.encode()).hexdigest()[:16]
         scores = evaluation.evaluate_target(
             model,
             todo,
@@ -102,11 +108,13 @@ def run_one(config: CompareConfig, report: GridReport, task: str, method: str, s
             batch_size=e.batch_size,
             choices=e.choices,
             metric=e.metric,
-            prompt_repeat=None if config.is_trained(method) else run_config.data.prompt_repeat,
+            prompt_repeat=repeat,
+            cache=cache,
         )
         into.update(scores)
         seconds["eval"] = seconds.get("eval", 0.0) + time.perf_counter() - began
         _save_record(run_dir, record)
+        shutil.rmtree(run_dir / SCORE_CACHE, ignore_errors=True)  # recorded: the cache has done its work
 
     todo = _unscored(record, tasks, at_hand=True)
     before = {t: record["scores"][t]["acc"] for t in todo if t in record["scores"]}
