@@ -28,84 +28,16 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
 from bitune import BituneConfig, default_peft_config, get_bitune_model
 
-SHAPES = {
-    # config.json values of meta-llama/Llama-3.2-1B (rope scaling left out: it does not change the cost)
-    "llama-3.2-1b": dict(
-        model_type="llama",
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=131072,
-        tie_word_embeddings=True,
-    ),
-    # google/gemma-2-2b: soft-capped logits and attention, a sliding window on every other layer
-    "gemma-2-2b": dict(
-        model_type="gemma2",
-        vocab_size=256000,
-        hidden_size=2304,
-        intermediate_size=9216,
-        num_hidden_layers=26,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=256,
-        sliding_window=4096,
-        query_pre_attn_scalar=256,
-        attn_logit_softcapping=50.0,
-        final_logit_softcapping=30.0,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=1,
-    ),
-    # meta-llama/Meta-Llama-3-8B
-    "llama-3-8b": dict(
-        model_type="llama",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=8192,
-        tie_word_embeddings=False,
-    ),
-    # for CPU: the same code on a model that runs in seconds
-    "tiny-llama": dict(
-        model_type="llama",
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    ),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import GPU_SHAPES, random_model
+
 REAL_SHAPES = ["llama-3.2-1b", "gemma-2-2b", "llama-3-8b"]
 # transformers runs Gemma 2's soft-capped attention only eagerly (sdpa is refused at construction)
 ATTENTION = {"gemma-2-2b": ["eager"]}
-
-
-def random_model(shape: str, dtype: torch.dtype, attn: str, device: str) -> torch.nn.Module:
-    settings = dict(SHAPES[shape])
-    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
-    torch.manual_seed(0)
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
 
 
 def wrap(method: str, base: torch.nn.Module) -> torch.nn.Module:
@@ -198,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--shapes", nargs="+", default=REAL_SHAPES, choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=REAL_SHAPES, choices=list(GPU_SHAPES))
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--answer", type=int, default=128)
@@ -229,7 +161,7 @@ def main() -> None:
         for attn in ATTENTION.get(shape, attns):
             entry, base = {"shape": shape, "attn_implementation": attn}, None
             try:
-                base = random_model(shape, dtype, attn, device)
+                base = random_model(shape, dtype=dtype, attn_implementation=attn, device=device)
                 inputs = batch(args.rows, args.prompt, args.answer, base.config.vocab_size, device)
                 for method in ("hf_peft_lora", "bitune"):
                     model_base = copy.deepcopy(base) if method == "hf_peft_lora" else base
