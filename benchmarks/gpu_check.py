@@ -96,7 +96,8 @@ def measure(method: str, base, inputs: dict, prompt: int, steps: int, decode: in
 
         prefill()  # warm-up
         prefill_times = [timed(prefill, device) for _ in range(steps)]
-        cache = model.prefill(prompt_ids, mask) if method == "bitune" else prefill().past_key_values
+        prefilled = prefill()
+        cache = prefilled if method == "bitune" else prefilled.past_key_values
         token = prompt_ids[:, -1:]
         seen = prompt - 1
 

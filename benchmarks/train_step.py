@@ -135,19 +135,12 @@ def sharded_run(launcher: str, directory: Path) -> dict[str, float]:
     }
     path = directory / f"{launcher}.yaml"
     path.write_text(json.dumps(config))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    launch += [str(repo / "configs" / "accelerate" / f"{launcher}.yaml"), "--num_processes", "2"]
+    if launcher == "ddp":  # ddp.yaml's settings as flags: the launcher the tests run on CPU
+        how = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    else:
+        how = ["--config_file", str(repo / "configs" / "accelerate" / f"{launcher}.yaml")]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2"]
     launch += ["-m", "bitune", "train", str(path)]
-    if launcher == "ddp":
-        launch[3:5] = [
-            "--multi_gpu",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-        ]
     child = (
         "import json, resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
         "print(json.dumps(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024))"

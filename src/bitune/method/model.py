@@ -413,17 +413,14 @@ class BituneModel(nn.Module):
             "base_model_name_or_path": getattr(self.config, "name_or_path", None),
             "num_cache_layers": self.support.num_cache_layers,
         }
-        if trained is None:
-            peft_state, mixing = (
-                None,
-                dict(self.mixing.named_parameters()) if self.mixing is not None else None,
-            )
-        else:
+        mixing = dict(self.mixing.named_parameters()) if self.mixing is not None else None
+        peft_state = None  # the adapters' own weights
+        if trained is not None:
             peft_state = {
                 k.removeprefix("peft_model."): v for k, v in trained.items() if k.startswith("peft_model.")
             }
-            mixing = {k.removeprefix("mixing."): v for k, v in trained.items() if k.startswith("mixing.")}
-            mixing = mixing if self.mixing is not None else None
+            if mixing is not None:
+                mixing = {k.removeprefix("mixing."): v for k, v in trained.items() if k.startswith("mixing.")}
         weights = {
             name: adapter_state_dict(self.peft_model, name, peft_state) for name in self.adapter_configs
         }

@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 
 from ..data import PromptFormat
 from ..layout import LOG_CSV, LOG_JSONL, is_model_dir, latest_complete_checkpoint, snapshot_dir
-from .sharding import all_processes_agree, gathered_trained_weights, is_sharded, local
+from .sharding import all_processes_agree, gathered_trained_weights, local
 
 if TYPE_CHECKING:
     from ..method.model import BituneModel
@@ -157,7 +157,7 @@ class SnapshotCallback(TrainerCallback):
         folder = snapshot_dir(self.output_dir, step)
         if step not in self.steps or not all_processes_agree(not is_model_dir(folder)):
             return
-        trained = gathered_trained_weights(self.model) if is_sharded(self.model) else None  # every process
+        trained = gathered_trained_weights(self.model)  # on every process
         if state.is_world_process_zero:
             if self.prompt_format is not None:
                 self.prompt_format.save(folder)

@@ -105,8 +105,11 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def gathered_trained_weights(model: BituneModel) -> dict[str, torch.Tensor]:
-    """Every trained parameter, whole, by name (collective: every process calls it)."""
+def gathered_trained_weights(model: BituneModel) -> dict[str, torch.Tensor] | None:
+    """Every trained parameter, whole, by name, for `BituneModel.save_pretrained` (collective: every process
+    calls it); None for a model that is not sharded (it saves its own weights)."""
+    if not is_sharded(model):
+        return None
     DTensor = _dtensor()
     return {
         name: (p.full_tensor() if isinstance(p, DTensor) else p).detach()
@@ -130,11 +133,15 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def load_trained_weights(model: BituneModel, directory: str | Path) -> None:
-    """Load the adapters and thetas saved in ``directory`` into a sharded ``model`` (collective).
+    """Load the adapters and thetas saved in ``directory`` into ``model``, into its shards if it is sharded
+    (then collective).
 
     Raises:
         ValueError: if a trained parameter of the model is not in the saved weights, or has another shape.
     """
+    if not is_sharded(model):
+        model.load_trained_weights(directory)
+        return
     from torch.distributed.tensor import distribute_tensor
 
     meta = read_bitune_config(directory)

@@ -73,9 +73,10 @@ class BituneTrainerMixin:
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        model = self.accelerator.unwrap_model(self.model)
-        if sharding.is_sharded(model):  # gather what trains (not the frozen base), on every process
-            self._save(output_dir, state_dict=sharding.gathered_trained_weights(model))
+        # a sharded model: gather what trains (not the frozen base), on every process
+        trained = sharding.gathered_trained_weights(self.accelerator.unwrap_model(self.model))
+        if trained is not None:
+            self._save(output_dir, state_dict=trained)
         else:
             super().save_model(output_dir, _internal_call)
 
@@ -96,19 +97,13 @@ class BituneTrainerMixin:
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if str(resume_from_checkpoint) != self._loaded_before_sharding:
-            self._load_trained_weights(resume_from_checkpoint, model)
+            model = self.accelerator.unwrap_model(model or self.model)
+            sharding.load_trained_weights(model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
         if best and is_model_dir(best):
-            self._load_trained_weights(best)
-
-    def _load_trained_weights(self, directory: str, model=None) -> None:
-        model = self.accelerator.unwrap_model(model or self.model)
-        if sharding.is_sharded(model):
-            sharding.load_trained_weights(model, directory)
-        else:
-            model.load_trained_weights(directory)
+            sharding.load_trained_weights(self.accelerator.unwrap_model(self.model), best)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model)
