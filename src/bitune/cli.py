@@ -6,6 +6,7 @@ bitune eval TARGET [--tasks ...] [--limit N] [--choices listed|cloze] [--metric 
 bitune generate TARGET "prompt" | --messages FILE  [--max-new-tokens N --temperature T --top-p P --seed S]
 bitune chat TARGET [--system TEXT]
 bitune serve TARGET [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch-size N] [--max-wait-ms T] [--drain-timeout S]
+                    [--engine builtin|vllm] [--dtype float32] [-- VLLM_OPTIONS...]
 bitune push RUN_DIR REPO_ID [--private]
 
 Errors are one line on stderr; exit status 2 for bad input (config, data, arguments, a run directory
@@ -115,6 +116,9 @@ def _serve(args: argparse.Namespace) -> None:
         max_wait_ms=args.max_wait_ms,
         model_name=args.model_name,
         drain_timeout=args.drain_timeout,
+        engine=args.engine,
+        dtype=args.dtype,
+        vllm_args=args.vllm_args,
     )
 
 
@@ -272,7 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM, seconds requests in flight may take to finish before they are cancelled",
     )
-    server.set_defaults(func=_serve)
+    server.add_argument(
+        "--engine",
+        choices=("builtin", "vllm"),
+        default="builtin",
+        help="who decodes: bitune's own batching engine, or vLLM (`make setup-vllm`; README 'Serving on vLLM')",
+    )
+    server.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="weights and cache dtype",
+    )
+    server.epilog = "After `--`: vLLM's own engine options for --engine vllm (e.g. -- --max-model-len 4096)."
+    server.set_defaults(func=_serve, vllm_args=[])
 
     publish = commands.add_parser(
         "push", help="upload a run's trained files to the Hugging Face hub", parents=[common]
@@ -294,7 +311,16 @@ def _how_to_continue(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed_on = []  # after `--`: another program's options (vLLM's, for `bitune serve --engine vllm`)
+    if "--" in argv:
+        at = argv.index("--")
+        argv, passed_on = argv[:at], argv[at + 1 :]
     args = build_parser().parse_args(argv)
+    if passed_on:
+        if args.command != "serve":
+            build_parser().error(f"options after `--` are for `bitune serve --engine vllm`: {passed_on}")
+        args.vllm_args = passed_on
     debug = getattr(args, "debug", False) or os.environ.get("BITUNE_DEBUG", "") not in ("", "0")
     try:
         args.func(args)

@@ -51,7 +51,7 @@ def run_dir(tmp_path_factory):
 def serve_process(*args: str, code: str | None = None, **env) -> tuple[subprocess.Popen, int]:
     """`bitune serve ARGS --port 0` in a child process (``code``: a script standing in for ``-m bitune``)
     and the port the system picked, read from uvicorn's own line (port 0: no two tests can collide)."""
-    command = [sys.executable, *(["-c", code] if code else ["-m", "bitune"]), "serve", *args, "--port", "0"]
+    command = [sys.executable, *(["-c", code] if code else ["-m", "bitune"]), "serve", "--port", "0", *args]
     proc = subprocess.Popen(
         command,
         cwd=REPO,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from ..packages import require_package
 
 API_KEY_ENV = "BITUNE_API_KEY"
@@ -26,6 +28,9 @@ def serve(
     max_wait_ms: float = 20.0,
     model_name: str | None = None,
     drain_timeout: float = 30.0,
+    engine: str = "builtin",
+    dtype: str = "float32",
+    vllm_args: list[str] | tuple[str, ...] = (),
 ) -> None:
     """Load ``target`` (a run directory, checkpoint, snapshot, hub run id or base model) and serve it.
 
@@ -34,6 +39,12 @@ def serve(
         model_name: the id clients pass as ``model`` (default: ``target``).
         drain_timeout: on SIGTERM or Ctrl-C, how long requests in flight may take to finish (seconds);
             those still running then are cancelled and the server exits.
+        engine: ``builtin`` (bitune's batching engine) or ``vllm`` (`bitune.serving.vllm_engine`).
+        dtype: the weights' (and cache's) dtype.
+        vllm_args: vLLM's own engine options, as on its command line (``--max-model-len 4096``).
+
+    Raises:
+        ValueError: for bad options, or a model or option that vLLM cannot serve exactly (before loading).
     """
     require_package("fastapi", "pip install 'bitune[serve]'", "bitune serve")
     require_package("uvicorn", "pip install 'bitune[serve]'", "bitune serve")
@@ -48,13 +59,29 @@ def serve(
             f"max_batch_size must be >= 1, max_wait_ms and drain_timeout >= 0, got {max_batch_size}, "
             f"{max_wait_ms}, {drain_timeout}"
         )
-    loaded = load_for_inference(target)
+    if engine not in ("builtin", "vllm"):
+        raise ValueError(f"engine must be 'builtin' or 'vllm', got {engine!r}")
+    if vllm_args and engine != "vllm":
+        raise ValueError(f"vLLM options {list(vllm_args)} need --engine vllm")
+    options = {}
+    if engine == "vllm":
+        require_package("vllm", "make setup-vllm (README 'Serving on vLLM')", "bitune serve --engine vllm")
+        from .vllm_engine import parse_vllm_args
+
+        options = parse_vllm_args(vllm_args)  # bad or clashing options fail before anything loads
+    loaded = load_for_inference(target, dtype=getattr(torch, dtype))
+    decoder = None
+    if engine == "vllm":
+        from .vllm_engine import VllmEngine
+
+        decoder = VllmEngine(loaded, max_batch_size=max_batch_size, dtype=dtype, options=options)
     app = create_app(
         loaded,
         model_name or target,
         api_key=api_key or os.environ.get(API_KEY_ENV) or None,
         max_batch_size=max_batch_size,
         max_wait_ms=max_wait_ms,
+        engine=decoder,
     )
     AppStatus.disable_automatic_graceful_drain()  # streams end with their answers: let them finish on SIGTERM
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_timeout)

@@ -24,7 +24,7 @@ from fastapi import Depends, FastAPI, Request
 
 from ..data.chat import normalize_messages
 from ..inference import LoadedModel, prompt_ids
-from .engine import BatchingEngine
+from .engine import BatchingEngine, Engine
 from .errors import OpenAIError, install_error_handlers
 from .handlers import ChatCompletionsHandler, CompletionsHandler
 from .protocol import (
@@ -46,9 +46,11 @@ def create_app(
     api_key: str | None = None,
     max_batch_size: int = 8,
     max_wait_ms: float = 20.0,
+    engine: Engine | None = None,
 ) -> FastAPI:
-    """The FastAPI application serving ``loaded`` under ``model_name`` (see the module docstring)."""
-    engine = BatchingEngine(loaded, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+    """The FastAPI application serving ``loaded`` under ``model_name`` (see the module docstring), decoded
+    by ``engine`` (default: a `BatchingEngine` of ``max_batch_size`` and ``max_wait_ms``)."""
+    engine = engine or BatchingEngine(loaded, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
 
     async def lifespan(app: FastAPI):
         engine.start()

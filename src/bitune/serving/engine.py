@@ -67,6 +67,7 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     generator: torch.Generator | None = None  # shared by the sequences of one API request (n > 1)
+    seed: int | None = None  # for engines that seed each sequence (vLLM): the request's seed + its index
     logprobs: int | None = None
     prompt_logprobs: bool = False
     on_text: Callable[[str, list[TokenLogprob]], None] = lambda text, logprobs: None
@@ -152,19 +153,18 @@ def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, (0, 0, width - tensor.shape[-2], 0))
 
 
-class BatchingEngine:
-    """See the module docstring. Start with `start`, submit with `submit`, stop with `stop`."""
+class Engine:
+    """What every engine behind the server shares: the queue of submitted requests, one worker thread, and
+    how decoded tokens become text, stop strings and answers. Start with `start`, submit with `submit`,
+    stop with `stop`; subclasses decode (``_work``)."""
 
-    def __init__(self, loaded: LoadedModel, max_batch_size: int = 8, max_wait_ms: float = 20.0) -> None:
-        if max_batch_size < 1 or max_wait_ms < 0:
-            raise ValueError(
-                f"max_batch_size must be >= 1 and max_wait_ms >= 0, got {max_batch_size}, {max_wait_ms}"
-            )
+    def __init__(self, loaded: LoadedModel, max_batch_size: int = 8) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.loaded = loaded
         self.max_batch_size = max_batch_size
-        self.max_wait = max_wait_ms / 1000
         self.requests: queue.Queue[GenerationRequest | None] = queue.Queue()
-        self.thread = threading.Thread(target=self._work, name="bitune-engine", daemon=True)
+        self.thread = threading.Thread(target=self._work, name=f"bitune-{type(self).__name__}", daemon=True)
         self.stop_ids = set(loaded.stop_token_ids)
         self.batch_sizes: list[int] = []  # requests per batch run, and how requests ended (tests, logs)
         self.finished: Counter[str] = Counter()
@@ -182,22 +182,10 @@ class BatchingEngine:
         self.requests.put(None)
         self.thread.join()
 
-    # ------------------------------------------------------------------------------------- the worker
     def _work(self) -> None:
-        while not self._closing:
-            first = self.requests.get()
-            if first is None:
-                return
-            batch = [first, *self._take(self.max_batch_size - 1, wait=self.max_wait)]
-            live = self._live(batch)
-            if live:
-                try:
-                    self._run(live)
-                except Exception as exc:  # a failed batch fails its requests, the server keeps serving
-                    for request in live:
-                        if not request.done:
-                            self._finish(request, Completion(f"{type(exc).__name__}: {exc}", "error", 0))
+        raise NotImplementedError
 
+    # ------------------------------------------------------------------- shared by the engines
     def _take(self, limit: int, wait: float) -> list[GenerationRequest]:
         """Up to ``limit`` queued requests, waiting at most ``wait`` seconds for them; notes a stop signal."""
         taken: list[GenerationRequest] = []
@@ -218,6 +206,91 @@ class BatchingEngine:
             if request.cancelled.is_set():
                 self._finish(request, Completion("", "cancelled", 0))
         return [r for r in requests if not r.cancelled.is_set()]
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Add ``token`` to ``row``, send new text, and answer the request if it ends; True if it ended."""
+        request = row.request
+        if request.cancelled.is_set():
+            self._finish(request, Completion("", "cancelled", len(row.tokens)))
+            return True
+        ended = token in self.stop_ids
+        if not ended:
+            row.tokens.append(token)
+        return self._settle(row, "stop" if ended else None)
+
+    def _settle(self, row: _Row, reason: str | None) -> bool:
+        """Send the row's new text, or answer its request if it ends (``reason``, a stop string or its
+        length); True if it ended."""
+        request = row.request
+        text = self.loaded.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        for stop in request.stop:
+            at = text.find(stop)
+            if at >= 0:
+                text, reason = text[:at], "stop"
+        if reason is None and len(row.tokens) >= request.max_tokens:
+            reason = "length"
+        if reason is None:  # hold back what may be an incomplete character or the start of a stop string
+            safe = len(text) - max((len(s) - 1 for s in request.stop), default=0)
+            if text.endswith("\ufffd"):
+                safe = min(safe, len(text) - 1)
+            if safe > row.sent:
+                request.on_text(text[row.sent : safe], self._unsent_logprobs(row, len(row.logprobs)))
+                row.sent = safe
+            return False
+        kept = self._tokens_in(row, len(text)) if request.logprobs is not None else 0
+        if len(text) > row.sent or kept > row.sent_logprobs:
+            request.on_text(text[row.sent :], self._unsent_logprobs(row, kept))
+        logprobs = row.logprobs[:kept] if request.logprobs is not None else None
+        self._finish(request, Completion(text, reason, len(row.tokens), logprobs, row.prompt_logprobs))
+        return True
+
+    def _tokens_in(self, row: _Row, length: int) -> int:
+        """How many of the row's tokens the final text of ``length`` characters holds (a stop string cuts)."""
+        count = len(row.tokens)
+        while (
+            count
+            and len(self.loaded.tokenizer.decode(row.tokens[: count - 1], skip_special_tokens=True)) >= length
+        ):
+            count -= 1
+        return count
+
+    @staticmethod
+    def _unsent_logprobs(row: _Row, upto: int) -> list[TokenLogprob]:
+        """The log-probabilities not sent yet, up to token ``upto``; they go out with the text now sent."""
+        entries = row.logprobs[row.sent_logprobs : upto]
+        row.sent_logprobs = max(row.sent_logprobs, upto)
+        return entries
+
+    def _finish(self, request: GenerationRequest, completion: Completion) -> None:
+        self.finished[completion.finish_reason] += 1
+        request.done = True
+        request.on_done(completion)
+
+
+class BatchingEngine(Engine):
+    """See the module docstring."""
+
+    def __init__(self, loaded: LoadedModel, max_batch_size: int = 8, max_wait_ms: float = 20.0) -> None:
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        super().__init__(loaded, max_batch_size)
+        self.max_wait = max_wait_ms / 1000
+
+    # ------------------------------------------------------------------------------------- the worker
+    def _work(self) -> None:
+        while not self._closing:
+            first = self.requests.get()
+            if first is None:
+                return
+            batch = [first, *self._take(self.max_batch_size - 1, wait=self.max_wait)]
+            live = self._live(batch)
+            if live:
+                try:
+                    self._run(live)
+                except Exception as exc:  # a failed batch fails its requests, the server keeps serving
+                    for request in live:
+                        if not request.done:
+                            self._finish(request, Completion(f"{type(exc).__name__}: {exc}", "error", 0))
 
     @torch.no_grad()
     def _run(self, requests: list[GenerationRequest]) -> None:
@@ -272,60 +345,6 @@ class BatchingEngine:
             logits = warper(history, logits)
         probabilities = torch.softmax(logits, dim=-1)
         return int(torch.multinomial(probabilities, 1, generator=row.request.generator))
-
-    def _advance(self, row: _Row, token: int) -> bool:
-        """Add ``token`` to ``row``, send new text, and answer the request if it ends; True if it ended."""
-        request = row.request
-        if request.cancelled.is_set():
-            self._finish(request, Completion("", "cancelled", len(row.tokens)))
-            return True
-        ended = token in self.stop_ids
-        if not ended:
-            row.tokens.append(token)
-        text = self.loaded.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        reason = "stop" if ended else None
-        for stop in request.stop:
-            at = text.find(stop)
-            if at >= 0:
-                text, reason = text[:at], "stop"
-        if reason is None and len(row.tokens) >= request.max_tokens:
-            reason = "length"
-        if reason is None:  # hold back what may be an incomplete character or the start of a stop string
-            safe = len(text) - max((len(s) - 1 for s in request.stop), default=0)
-            if text.endswith("\ufffd"):
-                safe = min(safe, len(text) - 1)
-            if safe > row.sent:
-                request.on_text(text[row.sent : safe], self._unsent_logprobs(row, len(row.logprobs)))
-                row.sent = safe
-            return False
-        kept = self._tokens_in(row, len(text)) if request.logprobs is not None else 0
-        if len(text) > row.sent or kept > row.sent_logprobs:
-            request.on_text(text[row.sent :], self._unsent_logprobs(row, kept))
-        logprobs = row.logprobs[:kept] if request.logprobs is not None else None
-        self._finish(request, Completion(text, reason, len(row.tokens), logprobs, row.prompt_logprobs))
-        return True
-
-    def _tokens_in(self, row: _Row, length: int) -> int:
-        """How many of the row's tokens the final text of ``length`` characters holds (a stop string cuts)."""
-        count = len(row.tokens)
-        while (
-            count
-            and len(self.loaded.tokenizer.decode(row.tokens[: count - 1], skip_special_tokens=True)) >= length
-        ):
-            count -= 1
-        return count
-
-    @staticmethod
-    def _unsent_logprobs(row: _Row, upto: int) -> list[TokenLogprob]:
-        """The log-probabilities not sent yet, up to token ``upto``; they go out with the text now sent."""
-        entries = row.logprobs[row.sent_logprobs : upto]
-        row.sent_logprobs = max(row.sent_logprobs, upto)
-        return entries
-
-    def _finish(self, request: GenerationRequest, completion: Completion) -> None:
-        self.finished[completion.finish_reason] += 1
-        request.done = True
-        request.on_done(completion)
 
 
 def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:

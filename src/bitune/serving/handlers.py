@@ -90,6 +90,7 @@ class Sequences:
                 top_p=body.top_p,
                 stop=tuple(body.stop or ()),
                 generator=generator,  # one generator for the request: its samples differ, seeded alike
+                seed=None if body.seed is None else body.seed + p * body.n + j,
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
                 on_text=self._sender(p * body.n + j, "text"),  # the choice's index: prompt * n + sample
