@@ -45,8 +45,10 @@ def write_model_card(run_dir: str | Path) -> Path:
     packaged = PACKAGED_MODELS.get(base)
     run = _read_yaml(run_dir / RUN_CONFIG)
     fmt = PromptFormat.load(run_dir) or PromptFormat("paper")
-    peft = method.get("peft_config", {})
-    tags = ["bitune", "peft", str(peft.get("peft_type", "")).lower(), method["variant"], "text-generation"]
+    full = method.get("finetune") == "full"
+    peft = {} if full else method.get("peft_config", {})
+    tuning = ["full-finetuning"] if full else ["peft", str(peft.get("peft_type", "")).lower()]
+    tags = ["bitune", *tuning, method["variant"], "text-generation"]
     hub_base = packaged.hub_id if packaged else (base if is_hub_id(base) else None)
     data = ModelCardData(
         base_model=hub_base,
@@ -76,8 +78,9 @@ def _overview(base: str, packaged, method: dict, peft: dict, fmt: PromptFormat) 
     source = f" (packaged copy of {packaged.upstream}, dequantized to fp32)" if packaged else ""
     lines = [
         "Trained with [bitune](https://arxiv.org/abs/2405.14862) (Bitune: bidirectional instruction-tuning): the "
-        "prompt is read twice, causally and bidirectionally, with two adapters; the two KV caches are mixed per "
-        "layer with learnable coefficients, and the answer is generated causally from the mixed cache.",
+        "prompt is read twice, causally and bidirectionally, with two adapters (two sets of weights under full "
+        "fine-tuning); the two KV caches are mixed per layer with learnable coefficients, and the answer is "
+        "generated causally from the mixed cache.",
         "",
         "| | |",
         "|---|---|",
@@ -85,7 +88,9 @@ def _overview(base: str, packaged, method: dict, peft: dict, fmt: PromptFormat) 
         f"| variant | `{method['variant']}` (second pass: `{method.get('second_pass_mask')}`) |",
         f"| mixing init | theta_init {method.get('theta_init')}, alpha_init {method.get('alpha_init', 0.5)} |",
         f"| PEFT | `{peft.get('peft_type')}` r={peft.get('r')}, alpha={peft.get('lora_alpha')}, "
-        f"modules={peft.get('target_modules')} |",
+        f"modules={peft.get('target_modules')} |"
+        if peft
+        else "| fine-tuning | full: the model's own weights (causal side) and a second copy (bidirectional side) |",
         f"| prompt format | `{fmt.template}` (turns: `{fmt.turns}`) |",
     ]
     return "\n".join(lines)

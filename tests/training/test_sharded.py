@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bitune import BituneConfig
 from bitune.layout import checkpoints, is_complete_checkpoint
 from bitune.training import sharding
 from bitune.training.run_config import load_run_config
@@ -151,7 +152,15 @@ def test_fsdp_configs_bitune_cannot_train_with_are_refused_by_name():
             state=SimpleNamespace(distributed_type=DistributedType.FSDP, fsdp_plugin=plugin)
         )
         with pytest.raises(ValueError, match=message):
-            sharding.enable_fsdp(accelerator, SimpleNamespace(mixing=None))
+            sharding.enable_fsdp(accelerator, SimpleNamespace(mixing=None, bitune_config=BituneConfig()))
+
+
+def test_full_finetuning_under_fsdp_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    config = load_run_config(write_run_config(tmp_path, "full"), ["bitune.finetune=full"])
+    with pytest.raises(ValueError, match=r"full fine-tuning .* not supported with FSDP"):
+        train(config)
+    assert not (tmp_path / "full").exists()
 
 
 def test_the_shipped_fsdp_config_asks_for_fsdp2_with_whole_decoder_layers():

@@ -14,6 +14,10 @@ always modelled causally with the ``causal`` adapter on top of that cache.
 | ``only_causal``  | causal / causal, bidir / causal                    | yes    | causal, bidir   |
 | ``shared_weights``| causal / causal, causal / ``second_pass_mask``    | yes    | causal          |
 | ``lora``         | causal / causal (plain PEFT, same code path)       | no     | causal          |
+
+With ``finetune="full"`` (the EMNLP version's full fine-tuning) the adapters are weight sets instead: the
+``causal`` one is the model's own weights, all trained; the ``bidir`` one is a second, trained copy of every
+weight that can reach a cached K/V (weights.py). ``lora`` with full fine-tuning is plain full fine-tuning.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ CAUSAL_ADAPTER = "causal"
 BIDIR_ADAPTER = "bidir"
 
 MASKS = ("bidirectional", "anti_causal", "causal")
+FINETUNE_MODES = ("peft", "full")
 STACK_MODES = ("auto", "always", "never")
 SECOND = "second"  # placeholder in a recipe for the configured `second_pass_mask`
 # Field metadata key of the options that change speed or memory only, never what a model computes or learns.
@@ -124,6 +129,15 @@ class BituneConfig:
         },
     )
 
+    finetune: str = field(
+        default="peft",
+        metadata={
+            "help": f"One of {FINETUNE_MODES}. peft: each adapter is a PEFT adapter (peft_config) on frozen base "
+            "weights. full: full fine-tuning, the causal side trains the model's own weights and the "
+            "bidirectional side a second full copy of them (peft_config is then unused)."
+        },
+    )
+
     stack_prompt_passes: str = field(
         default="auto",
         metadata={
@@ -173,6 +187,8 @@ class BituneConfig:
                 f"of |theta| at 0 is 0), got {self.alpha_init!r}"
             )
         self.alpha_init = float(self.alpha_init)
+        if self.finetune not in FINETUNE_MODES:
+            raise ValueError(f"BituneConfig.finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
         self.peft_config = _validated_peft_config(self.peft_config)
         try:
             self.prompt_pass_options  # noqa: B018 (validates both fields)

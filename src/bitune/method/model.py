@@ -65,6 +65,7 @@ from .saving import (
     read_trained_weights,
     save_bitune,
 )
+from .weights import FullWeights, FullWeightSwitch, load_model_weights
 
 
 class Prefilled(NamedTuple):
@@ -98,14 +99,30 @@ class BituneModel(nn.Module):
     accepts_loss_kwargs = True
 
     def __init__(
-        self, peft_model: PeftModel, config: BituneConfig, mixing: KVMixing | None, support: BaseModelSupport
+        self,
+        peft_model: PeftModel | None,
+        config: BituneConfig,
+        mixing: KVMixing | None,
+        support: BaseModelSupport,
+        full_model: PreTrainedModel | None = None,
+        full_weights: FullWeights | None = None,
     ) -> None:
+        """``peft_model`` for PEFT adapters; ``full_model`` (and ``full_weights`` if the variant has a
+        bidirectional side) for full fine-tuning (`bitune.method.weights`)."""
         super().__init__()
+        if (peft_model is None) == (full_model is None):
+            raise ValueError(
+                "BituneModel needs a peft_model (PEFT adapters) or a full_model (full fine-tuning)"
+            )
         self.peft_model = peft_model
+        self.full_model = full_model
+        self.full_weights = full_weights
         self.mixing = mixing
         self.bitune_config = config
         self.support = support
-        self.adapters = AdapterSwitch(peft_model)
+        self.adapters = (
+            AdapterSwitch(peft_model) if peft_model is not None else FullWeightSwitch(full_weights)
+        )
         self.prompt_passes = self._prompt_passes(config.prompt_pass_options)
         object.__setattr__(
             self, "_plain", None
@@ -134,8 +151,14 @@ class BituneModel(nn.Module):
     # ----------------------------------------------------------------------------------------- access
     @property
     def base_model(self) -> PreTrainedModel:
-        """The Hugging Face model, with the adapters' layers injected."""
-        return self.peft_model.get_base_model()
+        """The Hugging Face model, with the adapters' layers injected (its own weights trained under full
+        fine-tuning)."""
+        return self.full_model if self.full_model is not None else self.peft_model.get_base_model()
+
+    @property
+    def is_full(self) -> bool:
+        """Whether the model is fully fine-tuned (``finetune: full``) rather than through PEFT adapters."""
+        return self.full_model is not None
 
     @property
     def config(self):
@@ -162,7 +185,10 @@ class BituneModel(nn.Module):
 
     @property
     def adapter_configs(self) -> dict[str, PeftConfig]:
-        """PEFT config of each adapter, as injected (the bidir one with its excluded modules)."""
+        """PEFT config of each adapter, as injected (the bidir one with its excluded modules); None for each
+        weight set of a fully fine-tuned model."""
+        if self.is_full:
+            return dict.fromkeys(self.bitune_config.adapter_names)
         return {name: self.peft_model.peft_config[name] for name in self.bitune_config.adapter_names}
 
     def mixing_ratios(self) -> dict[str, list[float]]:
@@ -173,7 +199,21 @@ class BituneModel(nn.Module):
         return {"k": alpha_k.detach().cpu().tolist(), "v": alpha_v.detach().cpu().tolist()}
 
     def trainable_parameter_counts(self) -> dict[str, int]:
-        """Trainable parameters per adapter and for the mixing coefficients."""
+        """Trainable parameters per adapter (per weight set under full fine-tuning) and for the mixing
+        coefficients."""
+        if self.is_full:
+            counts = {
+                f"weights {CAUSAL_ADAPTER}": sum(
+                    p.numel() for p in self.full_model.parameters() if p.requires_grad
+                )
+            }
+            if self.full_weights is not None:
+                counts[f"weights {BIDIR_ADAPTER}"] = sum(
+                    p.numel() for p in self.full_weights.parameters() if p.requires_grad
+                )
+            if self.mixing is not None:
+                counts["mixing"] = sum(p.numel() for p in self.mixing.parameters() if p.requires_grad)
+            return counts
         counts = {
             f"adapter {name}": sum(
                 p.numel() for p in adapter_parameters(self.peft_model, [name]).values() if p.requires_grad
@@ -370,10 +410,13 @@ class BituneModel(nn.Module):
         """
         if self.is_merged:
             return True
-        if merge_problem(self.adapters) is not None:
+        if self.is_full:  # the causal weights are the model's own: decoding already runs the plain model
+            object.__setattr__(self, "_plain", self.full_model.eval())
+        elif merge_problem(self.adapters) is not None:
             return False
-        merge_for_inference(self.adapters)
-        object.__setattr__(self, "_plain", without_tuners(self.base_model).eval())
+        else:
+            merge_for_inference(self.adapters)
+            object.__setattr__(self, "_plain", without_tuners(self.base_model).eval())
         for param in self.parameters():
             param.requires_grad_(False)
         self.eval()
@@ -414,6 +457,14 @@ class BituneModel(nn.Module):
             "num_cache_layers": self.support.num_cache_layers,
         }
         mixing = dict(self.mixing.named_parameters()) if self.mixing is not None else None
+        if self.is_full:
+            if trained is not None:
+                raise ValueError("a fully fine-tuned model is saved from its own weights (not sharded)")
+            weights = {CAUSAL_ADAPTER: dict(self.full_model.named_parameters())}
+            if self.full_weights is not None:
+                weights[BIDIR_ADAPTER] = self.full_weights.state()
+            save_bitune(save_directory, meta, self.adapter_configs, weights, mixing)
+            return
         peft_state = None  # the adapters' own weights
         if trained is not None:
             peft_state = {
@@ -438,9 +489,19 @@ class BituneModel(nn.Module):
             raise ValueError(
                 f"{directory} holds adapters {meta['adapters']}, the model has {list(self.adapter_configs)}"
             )
+        if meta["bitune"].get("finetune", "peft") != self.bitune_config.finetune:
+            raise ValueError(
+                f"{directory} was fine-tuned with finetune={meta['bitune'].get('finetune', 'peft')!r}, the model "
+                f"has finetune={self.bitune_config.finetune!r}"
+            )
         adapters, thetas = read_trained_weights(directory, meta, device=self.device)
         for name, weights in adapters.items():
-            load_adapter_state_dict(self.peft_model, name, weights)
+            if not self.is_full:
+                load_adapter_state_dict(self.peft_model, name, weights)
+            elif name == CAUSAL_ADAPTER:
+                load_model_weights(self.full_model, weights)
+            else:
+                self.full_weights.load(weights)
         if (self.mixing is None) != (thetas is None):
             raise ValueError(f"{directory} and the model disagree on whether there are mixing coefficients")
         if self.mixing is not None:
@@ -463,7 +524,8 @@ class BituneModel(nn.Module):
             config = BituneConfig.from_dict(meta["bitune"])
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{directory}: the saved Bitune config is invalid: {exc}") from None
-        model = build_bitune_model(base_model, config, read_adapter_configs(directory, meta))
+        adapter_configs = None if config.finetune == "full" else read_adapter_configs(directory, meta)
+        model = build_bitune_model(base_model, config, adapter_configs)
         model.load_trained_weights(directory)
         if not is_trainable:
             for param in model.parameters():
@@ -476,6 +538,8 @@ def get_bitune_model(model: PreTrainedModel, config: BituneConfig | None = None)
     """Wrap a Hugging Face decoder-only model for Bitune, like ``peft.get_peft_model``.
 
     The base weights are frozen; the variant's adapters and (if it mixes) its mixing coefficients train.
+    With ``config.finetune="full"`` the model's own weights train instead, and a copy of them for the
+    bidirectional side (`bitune.method.weights`); ``model`` is then trained in place.
 
     Raises:
         ValueError: for a model that is already a PeftModel, uses gradient checkpointing, keeps no
@@ -489,12 +553,19 @@ def build_bitune_model(
 ) -> BituneModel:
     """`get_bitune_model` with the adapters' PEFT configs given explicitly (as saved) or derived."""
     support = probe_base_model(model, [p.mask for p in config.prompt_passes])
+    mixing = None
+    if config.uses_mixing:
+        mixing = KVMixing(support.num_cache_layers, config.theta_init, config.alpha_init, device=model.device)
+    if config.finetune == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        full_weights = (
+            FullWeights(model, support.kv_unreachable) if BIDIR_ADAPTER in config.adapter_names else None
+        )
+        return BituneModel(None, config, mixing, support, full_model=model, full_weights=full_weights)
     if adapter_configs is None:
         adapter_configs = {CAUSAL_ADAPTER: config.peft_config}
         if BIDIR_ADAPTER in config.adapter_names:
             adapter_configs[BIDIR_ADAPTER] = with_excluded_modules(config.peft_config, support.kv_unreachable)
     peft_model = create_peft_model(model, adapter_configs)
-    mixing = None
-    if config.uses_mixing:
-        mixing = KVMixing(support.num_cache_layers, config.theta_init, config.alpha_init, device=model.device)
     return BituneModel(peft_model, config, mixing, support)

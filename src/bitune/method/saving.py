@@ -8,6 +8,10 @@ A saved directory holds:
     bidir/                    adapter_model.safetensors); loadable by plain PEFT one at a time
     mixing.safetensors        theta_k, theta_v (fp32), for variants that mix
 
+With full fine-tuning (``finetune: full``) ``causal/`` holds every parameter of the model and ``bidir/`` the
+second copy (`bitune.method.weights`), as ``model.safetensors`` keyed by the model's parameter names, or
+sharded with a ``model.safetensors.index.json`` when large (huggingface_hub's ``save_torch_state_dict``).
+
 The root has no ``adapter_config.json`` on purpose: pointing plain PEFT at a Bitune directory fails
 instead of silently using one adapter. Files are staged and moved into place with the config last, so an
 interrupted save never leaves a half-written model that loads. Weights that are not finite (NaN, inf) are
@@ -35,6 +39,8 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "bitune_config.json"
 MIXING_NAME = "mixing.safetensors"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FULL_WEIGHTS = "model.safetensors"
+FULL_INDEX = "model.safetensors.index.json"
 _OWN_ENTRIES = (CAUSAL_ADAPTER, BIDIR_ADAPTER, MIXING_NAME)
 _FINGERPRINT_FIELDS = (
     "model_type",
@@ -83,11 +89,12 @@ def check_finite(weights: Weights, where: str) -> None:
 def save_bitune(
     directory: str | Path,
     meta: dict[str, Any],
-    adapter_configs: dict[str, PeftConfig],
+    adapter_configs: dict[str, PeftConfig | None],
     adapter_weights: dict[str, Weights],
     mixing: Weights | None,
 ) -> None:
-    """Write a Bitune model into ``directory``; other files there are left alone.
+    """Write a Bitune model into ``directory``; other files there are left alone. An adapter whose config
+    is None is a full weight set (sharded safetensors).
 
     Everything is first written to a staging folder inside ``directory``. The old config is removed
     before the new files are moved in and the new config is moved in last, so a reader (which starts
@@ -106,8 +113,15 @@ def save_bitune(
         for name, adapter_config in adapter_configs.items():
             folder = staging / name
             folder.mkdir()
-            adapter_config.save_pretrained(str(folder))
             tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_weights[name].items()}
+            if adapter_config is None:
+                from huggingface_hub import save_torch_state_dict
+
+                from .weights import MAX_SHARD_SIZE
+
+                save_torch_state_dict(tensors, folder, max_shard_size=MAX_SHARD_SIZE)
+                continue
+            adapter_config.save_pretrained(str(folder))
             save_file(tensors, str(folder / ADAPTER_WEIGHTS))
         if mixing is not None:
             save_file(
@@ -188,9 +202,32 @@ def read_trained_weights(
         ValueError: for a damaged or non-finite file.
     """
     directory = Path(directory)
-    adapters = {name: _load(directory / name / ADAPTER_WEIGHTS, device) for name in meta["adapters"]}
+    full = meta["bitune"].get("finetune") == "full"
+    adapters = {
+        name: _load_full(directory / name, device)
+        if full
+        else _load(directory / name / ADAPTER_WEIGHTS, device)
+        for name in meta["adapters"]
+    }
     mixing = _load(directory / MIXING_NAME, "cpu") if (directory / MIXING_NAME).exists() else None
     return adapters, mixing
+
+
+def _load_full(folder: Path, device: torch.device | str) -> Weights:
+    """A full weight set: ``model.safetensors``, or the shards its index names."""
+    index = folder / FULL_INDEX
+    if not index.is_file():
+        return _load(folder / FULL_WEIGHTS, device)
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(
+            f"{index}: cannot read the shard index ({exc}); the saved model is damaged"
+        ) from None
+    weights: Weights = {}
+    for name in files:
+        weights.update(_load(folder / name, device))
+    return weights
 
 
 def _load(path: Path, device: torch.device | str) -> Weights:

@@ -81,6 +81,10 @@ def vllm_plan(loaded: LoadedModel) -> dict[str, Any]:
     if not _is_run(target):
         return plan
     config = loaded.model.bitune_config
+    if config.finetune == "full":
+        raise ValueError(
+            "vLLM serves LoRA runs; this run is fully fine-tuned (finetune: full): serve it with the built-in engine"
+        )
     peft = config.peft_config
     if type(peft).__name__ != "LoraConfig" or getattr(peft, "use_dora", False):
         raise ValueError(

@@ -42,6 +42,19 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+def check_fsdp_supports(config) -> None:
+    """Refuse, under an FSDP launch, what bitune cannot shard (before any model loads).
+
+    Raises:
+        ValueError: for full fine-tuning (``bitune.finetune: full``) under FSDP.
+    """
+    if fsdp_requested() and config.finetune == "full":
+        raise ValueError(
+            "FSDP: full fine-tuning (bitune.finetune: full) is not supported with FSDP yet (its second weight "
+            "set is swapped into the sharded modules per pass); train it with DDP (configs/accelerate/ddp.yaml)"
+        )
+
+
 def enable_fsdp(accelerator, model: BituneModel) -> None:
     """Make ``accelerator`` shard ``model`` with FSDP2 as its launch config asked, on CPU too.
 
@@ -50,6 +63,7 @@ def enable_fsdp(accelerator, model: BituneModel) -> None:
     """
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+    check_fsdp_supports(model.bitune_config)
     state = accelerator.state
     if state.distributed_type == DistributedType.MULTI_CPU:  # accelerate's FSDP needs a GPU-like device
         state.distributed_type = DistributedType.FSDP

@@ -202,6 +202,7 @@ def train(config: RunConfig, resume: bool = False, allow_changes: tuple[str, ...
         callbacks.TrainingDiverged: at the first update whose gradient or weights are not finite.
     """
     compat.check_trainer()
+    sharding.check_fsdp_supports(config.bitune_config())
     output_dir = Path(config.training.output_dir)
     if not resume and holds_run(output_dir):  # before the lock too: never hold it only to refuse
         raise FileExistsError(
