@@ -1,25 +1,33 @@
-"""Serving benchmark: `bitune serve` under load from the official `openai` client, on loopback, and the same
-base model under `transformers serve --continuous-batching` (plain causal, no Bitune, paged attention) at the
-same concurrency; with ``--plain-bitune`` also bitune's own engine serving the base model alone (the engine's
-cost without the second prompt pass).
+"""Serving benchmark: `bitune serve` under load from the official `openai` client, on loopback, against
+plain servers of the same base model at the same concurrency.
 
-    python benchmarks/serve.py                       # a Bitune run of the packaged smollm2-135m-instruct
-    python benchmarks/serve.py --target runs/chat    # or a trained run
+    python benchmarks/serve.py                                  # the built-in engine vs transformers serve
+    python benchmarks/serve.py --target runs/chat               # or a trained run
+    .venv-vllm/bin/python benchmarks/serve.py --engine vllm     # --engine vllm vs the built-in engine and vLLM
 
-1. Correctness: 64 chat requests (greedy, the questions of examples/chat_conversations.jsonl and variations)
-   from 16 concurrent clients; every response must arrive, be well formed, and equal the same request
-   served alone afterwards.
+With ``--engine builtin`` (the default) the built-in engine is measured against `transformers serve
+--continuous-batching` (plain causal, no Bitune, paged attention); ``--plain-bitune`` adds the built-in
+engine serving the base model alone (the engine's cost without the second prompt pass). With ``--engine
+vllm`` (in the environment of ``make setup-vllm``) `bitune serve --engine vllm` is measured against the
+built-in engine on the same run, against vLLM's own OpenAI server on the base model (no Bitune, no LoRA,
+prefix caching off as in bitune's), and against that server decoding with the run's causal adapter as a
+vLLM LoRA (no connector: what the LoRA costs in vLLM by itself); ``--vllm-options`` go to every vLLM server.
+
+1. Correctness of the engine under test: 64 chat requests (greedy, the questions of
+   examples/chat_conversations.jsonl and variations) from 16 concurrent clients; every response must arrive,
+   be well formed, and equal the same request served alone afterwards.
 2. Throughput and latency at 1, 4 and 16 concurrent clients (``--requests-per-client`` requests each, at
-   least 16 per level; streamed, greedy, ``--max-tokens`` each): generated tokens per second over the whole
-   run, time to first token and request latency (p50, p95), for bitune and for transformers serve, and
-   their ratio.
+   least 16 per level; streamed, greedy, ``--max-tokens`` each; after two warm-up requests): generated tokens
+   per second over the whole level, time to first token and request latency (p50, p95), for every server, and
+   the tested engine's ratios to each of the others.
 
 Without ``--target`` the served run is an untrained Bitune model of the packaged SmolLM2-135M-Instruct (zero
 adapters, mixing at its initial 50 %) saved to a temporary folder: it runs exactly the computation of a
 trained run (two prompt passes, mixing, causal decoding). Its answers differ from the base model's, and so
 do their lengths, which moves tokens/s; ``--same-answers`` zeroes its thetas, so that it answers as the base
-model does (the same tokens from every server) while still computing both prompt passes and the mix. Both servers are started and stopped by this
-script; request counts are bounded. Do not run it while other jobs use the CPU.
+model does (the same tokens from every server) while still computing both prompt passes and the mix. The
+servers are started and stopped one after another by this script; request counts are bounded. Do not run it
+while other jobs use the CPU.
 """
 
 from __future__ import annotations
@@ -157,9 +165,66 @@ def load(client: OpenAI, model: str, prompts: list[str], clients: int, max_token
     }
 
 
+def level_rows(client: OpenAI, model: str, prompts: list[str], args, count=None) -> list[dict]:
+    """`load` at each of ``args.clients`` concurrency levels, without the per-request results."""
+    rows = []
+    for clients in args.clients:
+        row = load(client, model, level_prompts(prompts, clients, args.requests_per_client), clients,
+                   args.max_tokens, count)  # fmt: skip
+        rows.append({k: v for k, v in row.items() if k != "results"})
+    return rows
+
+
+def correctness(client: OpenAI, model: str, prompts: list[str], max_tokens: int) -> dict:
+    """``prompts`` from 16 concurrent clients, then each alone: failures and answers that differ."""
+    together = load(client, model, prompts, 16, max_tokens)
+    alone = [ask(client, model, q, max_tokens) for q in prompts]
+    failures = sum(
+        1 for r in together["results"] if r["finish"] not in ("stop", "length") or r["tokens"] is None
+    )
+    mismatches = sum(1 for a, b in zip(together["results"], alone, strict=True) if a["text"] != b["text"])
+    print(f"correctness: {len(prompts)} requests from 16 clients: {failures} failed/malformed, "
+          f"{mismatches} differ from alone")  # fmt: skip
+    return {
+        "requests": len(prompts),
+        "clients": 16,
+        "failed_or_malformed": failures,
+        "differ_from_alone": mismatches,
+    }
+
+
+def measure(name: str, command: list[str], model: str, work: Path, prompts: list[str], args, *,
+            check: bool = False, count=None) -> dict:  # fmt: skip
+    """Start one server (``command`` without its port), optionally check it (`correctness`), warm it up,
+    load it at every level, stop it."""
+    port = free_port()
+    split = command.index("--") if "--" in command else len(command)  # the port before pass-through options
+    server = Server([*command[:split], "--port", str(port), *command[split:]], port, work / f"{name}.log")
+    try:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=600)
+        report = {"correctness": correctness(client, model, prompts, args.max_tokens)} if check else {}
+        load(client, model, prompts[:2], 1, 4)  # warm-up
+        report["levels"] = level_rows(client, model, prompts, args, count)
+        return report
+    finally:
+        server.close()
+
+
+def bitune_serve(target: str, name: str, args, *extra: str) -> list[str]:
+    return [str(BIN / "bitune"), "serve", target, "--model-name", name, "--max-batch-size",
+            str(args.max_batch_size), *extra]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default=None, help="a run directory (default: an untrained Bitune run)")
+    parser.add_argument(
+        "--engine",
+        choices=("builtin", "vllm"),
+        default="builtin",
+        help="the engine under test: builtin (against transformers serve) or vllm (bitune serve --engine "
+        "vllm against the built-in engine and plain vLLM; run it with .venv-vllm/bin/python)",
+    )
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
@@ -170,7 +235,7 @@ def main() -> None:
         default=4,
         help="requests per client at each level (at least 16 in all)",
     )
-    parser.add_argument("--no-baseline", action="store_true", help="skip transformers serve")
+    parser.add_argument("--no-baseline", action="store_true", help="skip transformers serve / plain vLLM")
     parser.add_argument("--plain-bitune", action="store_true", help="also serve the base model with bitune")
     parser.add_argument(
         "--same-answers",
@@ -178,135 +243,118 @@ def main() -> None:
         help="the untrained run with thetas 0: the base model's answers (equal work for every server), "
         "computed with both prompt passes and the mix",
     )
+    parser.add_argument(
+        "--vllm-options",
+        default="",
+        help="vLLM engine options for both vLLM servers, as on vLLM's command line (e.g. '--enforce-eager')",
+    )
     parser.add_argument("--output", default=None, help="write the measurements as JSON here")
     args = parser.parse_args()
 
+    from bitune.references import packaged_model_path
+
     work = Path(tempfile.mkdtemp(prefix="bitune-serve-bench-"))
     target = args.target or str(untrained_run(work / "run", args.same_answers))
-    env_note = f"threads: torch default, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
-    port = free_port()
-    bitune = Server(
-        [str(BIN / "bitune"), "serve", target, "--port", str(port), "--model-name", "bitune",
-         "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)],
-        port, work / "bitune.log",
-    )  # fmt: skip
-    report = {"target": args.target or "untrained Bitune run of smollm2-135m-instruct", "note": env_note}
-    try:
-        client = OpenAI(base_url=f"{bitune.url}/v1", api_key="x", max_retries=0, timeout=600)
-        prompts = questions(64)
-        together = load(client, "bitune", prompts, 16, args.max_tokens)
-        alone = [ask(client, "bitune", q, args.max_tokens) for q in prompts]
-        failures = sum(
-            1 for r in together["results"] if r["finish"] not in ("stop", "length") or r["tokens"] is None
-        )
-        mismatches = sum(1 for a, b in zip(together["results"], alone, strict=True) if a["text"] != b["text"])
-        report["correctness"] = {
-            "requests": len(prompts),
-            "clients": 16,
-            "failed_or_malformed": failures,
-            "differ_from_alone": mismatches,
-        }
-        print(
-            f"correctness: {len(prompts)} requests from 16 clients: {failures} failed/malformed, {mismatches} differ from alone"
-        )
-        report["bitune"] = [
-            {
-                k: v
-                for k, v in load(
-                    client, "bitune", level_prompts(prompts, c, args.requests_per_client), c, args.max_tokens
-                ).items()
-                if k != "results"
-            }
-            for c in args.clients
-        ]
-    finally:
-        bitune.close()
-    if args.plain_bitune:
-        port = free_port()
-        plain = Server(
-            [str(BIN / "bitune"), "serve", "smollm2-135m-instruct", "--port", str(port), "--model-name", "plain",
-             "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)],
-            port, work / "plain.log",
-        )  # fmt: skip
-        try:
-            client = OpenAI(base_url=f"{plain.url}/v1", api_key="x", max_retries=0, timeout=600)
-            report["bitune_plain_base"] = [
-                {
-                    k: v
-                    for k, v in load(
-                        client,
-                        "plain",
-                        level_prompts(prompts, c, args.requests_per_client),
-                        c,
-                        args.max_tokens,
-                    ).items()
-                    if k != "results"
-                }
-                for c in args.clients
-            ]
-        finally:
-            plain.close()
-    if not args.no_baseline:
-        from transformers import AutoTokenizer
+    base = str(packaged_model_path("smollm2-135m-instruct"))
+    report = {
+        "target": args.target or "untrained Bitune run of smollm2-135m-instruct",
+        "note": f"threads: torch default, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
+        "engine": args.engine,
+    }
+    prompts = questions(64)
+    builtin = bitune_serve(target, "bitune", args, "--max-wait-ms", str(args.max_wait_ms))
+    vllm_options = args.vllm_options.split()
+    servers: list[tuple[str, list[str], str, dict]] = []  # name, command, model name, measure's options
+    if args.engine == "vllm":
+        os.environ.setdefault(
+            "VLLM_CPU_KVCACHE_SPACE", "2"
+        )  # GiB; vLLM's CPU default takes a share of all memory
+        vllm = bitune_serve(target, "bitune", args, "--engine", "vllm", "--", *vllm_options)
+        servers += [("bitune_vllm", vllm, "bitune", {"check": True}), ("bitune", builtin, "bitune", {})]
+        if not args.no_baseline:  # vLLM's own OpenAI server on the base model: no Bitune, no LoRA
+            plain = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base,
+                     "--served-model-name", "plain", "--dtype", "float32", "--max-num-seqs",
+                     str(args.max_batch_size), "--no-enable-prefix-caching", *vllm_options]  # fmt: skip
+            servers.append(("plain_vllm", plain, "plain", {}))
+            adapter = Path(target) / "causal" / "adapter_config.json"
+            if adapter.is_file():  # the same with the run's LoRA, set up as bitune's engine sets it up
+                rank = max(8, json.loads(adapter.read_text())["r"])
+                lora = ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", "1",
+                        "--lora-modules", f"causal={adapter.parent}"]  # fmt: skip
+                servers.append(("plain_vllm_lora", [*plain, *lora], "causal", {}))
+    else:
+        servers.append(("bitune", builtin, "bitune", {"check": True}))
+        if args.plain_bitune:
+            plain = bitune_serve(
+                "smollm2-135m-instruct", "plain", args, "--max-wait-ms", str(args.max_wait_ms)
+            )
+            servers.append(("bitune_plain_base", plain, "plain", {}))
+        if not args.no_baseline:
+            from transformers import AutoTokenizer
 
-        from bitune.references import packaged_model_path
+            tokenizer = AutoTokenizer.from_pretrained(base)
 
-        path = str(packaged_model_path("smollm2-135m-instruct"))
-        tokenizer = AutoTokenizer.from_pretrained(path)
+            def count(text: str) -> int:
+                return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-        def count(text: str) -> int:
-            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-        port = free_port()
-        hf = Server(
-            [str(BIN / "transformers"), "serve", path, "--port", str(port), "--continuous-batching"],
-            port,
-            work / "transformers.log",
-        )
-        try:
-            client = OpenAI(base_url=f"{hf.url}/v1", api_key="x", max_retries=0, timeout=600)
-            load(client, path, prompts[:2], 1, 4)  # warm-up
-            report["transformers_serve"] = [
-                {
-                    k: v
-                    for k, v in load(
-                        client,
-                        path,
-                        level_prompts(prompts, c, args.requests_per_client),
-                        c,
-                        args.max_tokens,
-                        count,
-                    ).items()
-                    if k != "results"
-                }
-                for c in args.clients
-            ]
-        finally:
-            hf.close()
+            hf = [str(BIN / "transformers"), "serve", base, "--continuous-batching"]
+            servers.append(("transformers_serve", hf, base, {"count": count}))
+    for name, command, model, options in servers:
+        result = measure(name, command, model, work, prompts, args, **options)
+        report[name] = result["levels"]
+        if "correctness" in result:
+            report[f"{name}_correctness"] = result["correctness"]
     print_table(report)
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
 
 
+SERVERS = {
+    "bitune_vllm": "bitune --engine vllm",
+    "bitune": "bitune (built-in engine)",
+    "bitune_plain_base": "bitune, base model",
+    "transformers_serve": "transformers serve (continuous batching)",
+    "plain_vllm": "plain vLLM (base model)",
+    "plain_vllm_lora": "plain vLLM + the run's causal LoRA",
+}
+
+
 def print_table(report: dict) -> None:
     print(f"\n{report['target']}; {report['note']}")
+    for name in SERVERS:
+        if f"{name}_correctness" in report:
+            c = report[f"{name}_correctness"]
+            print(f"{SERVERS[name]}: {c['requests']} requests from {c['clients']} clients, "
+                  f"{c['failed_or_malformed']} failed or malformed, {c['differ_from_alone']} differ from alone")  # fmt: skip
     print("| clients | server | tokens/s | TTFT p50 [s] | latency p50 [s] | p95 [s] | tokens | requests |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in ("bitune", "bitune_plain_base", "transformers_serve"):
+    for name, label in SERVERS.items():
         for row in report.get(name, []):
             print(
-                f"| {row['clients']} | {name} | {row['tokens_per_s']:.1f} | {row['ttft_p50']:.2f} | "
+                f"| {row['clients']} | {label} | {row['tokens_per_s']:.1f} | {row['ttft_p50']:.2f} | "
                 f"{row['latency_p50']:.2f} | {row['latency_p95']:.2f} | {row['tokens']} | {row['requests']} |"
             )
-    bitune = {r["clients"]: r["tokens_per_s"] for r in report.get("bitune", [])}
-    if bitune:
-        low, high = min(bitune), max(bitune)
-        print(
-            f"\nbitune throughput {high} clients / {low} client: {bitune[high] / bitune[low]:.2f}x (target >= 4x)"
-        )
-    hf = {r["clients"]: r["tokens_per_s"] for r in report.get("transformers_serve", [])}
-    for clients in sorted(set(bitune) & set(hf)):
-        print(f"bitune / transformers serve at {clients} clients: {bitune[clients] / hf[clients]:.2f}")
+    tested = "bitune_vllm" if report["engine"] == "vllm" else "bitune"
+    levels = {r["clients"]: r for r in report.get(tested, [])}
+    if levels:
+        low, high = min(levels), max(levels)
+        ratio = levels[high]["tokens_per_s"] / levels[low]["tokens_per_s"]
+        print(f"\n{SERVERS[tested]} throughput {high} clients / {low} client: {ratio:.2f}x")
+    pairs = [(tested, name) for name in SERVERS if name != tested]
+    if report["engine"] == "vllm":
+        pairs.append(("bitune", "plain_vllm"))  # the built-in engine against plain vLLM too
+        pairs.append(("plain_vllm_lora", "plain_vllm"))  # what vLLM's LoRA costs by itself
+    print("| clients | ratio | tokens/s | TTFT p50 | latency p50 | latency p95 |")
+    print("|---|---|---|---|---|---|")
+    for a_name, b_name in pairs:
+        a_rows = {r["clients"]: r for r in report.get(a_name, [])}
+        b_rows = {r["clients"]: r for r in report.get(b_name, [])}
+        for clients in sorted(set(a_rows) & set(b_rows)):
+            a, b = a_rows[clients], b_rows[clients]
+            cells = " | ".join(
+                f"{a[k] / b[k]:.2f}" for k in ("tokens_per_s", "ttft_p50", "latency_p50", "latency_p95")
+            )
+            print(f"| {clients} | {SERVERS[a_name]} / {SERVERS[b_name]} | {cells} |")
 
 
 if __name__ == "__main__":

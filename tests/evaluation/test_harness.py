@@ -54,6 +54,27 @@ def test_zero_theta_loglikelihoods_equal_lm_evals_hf_model_with_the_causal_adapt
         assert greedy_a == greedy_b
 
 
+def test_a_fully_fine_tuned_lora_run_scores_as_lm_evals_hf_model_of_its_weights(run, tmp_path):
+    base, _ = load_model(str(run / "base"))
+    model = get_bitune_model(base, BituneConfig(variant="lora", finetune="full"))
+    with torch.no_grad():  # "trained": every weight moved
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    model.save_pretrained(tmp_path / "full")
+    model.full_model.save_pretrained(tmp_path / "plain")
+    char_tokenizer().save_pretrained(tmp_path / "plain")
+    ours = BituneLM(pretrained=str(run / "base"), bitune=str(tmp_path / "full"), batch_size=4)
+    theirs = HFLM(pretrained=str(tmp_path / "plain"), device="cpu", batch_size=4)
+    a, b = ours.loglikelihood(loglikelihood_requests()), theirs.loglikelihood(loglikelihood_requests())
+    for (ll_a, greedy_a), (ll_b, greedy_b) in zip(a, b, strict=True):
+        assert ll_a == pytest.approx(ll_b, abs=1e-4)
+        assert greedy_a == greedy_b
+    untrained = HFLM(pretrained=str(run / "base"), device="cpu", batch_size=4).loglikelihood(
+        loglikelihood_requests()
+    )
+    assert any(abs(x[0] - y[0]) > 1e-3 for x, y in zip(a, untrained, strict=True))  # the weights were loaded
+
+
 def test_one_prefill_per_prompt_scores_like_a_fresh_prefill_per_choice_and_like_forward():
     model, _ = bitune_pair("gemma3_text")  # sliding windows shorter than the prompts
     generator = torch.Generator().manual_seed(0)
