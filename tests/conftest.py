@@ -217,6 +217,21 @@ def trained_weights(run_dir) -> dict[str, torch.Tensor]:
     return weights
 
 
+def full_trained_weights(run_dir) -> dict[str, torch.Tensor]:
+    """Every trained tensor of a fully fine-tuned run (both weight sets and thetas), by file and name."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    weights = {
+        f"{f.parent.name}/{k}": v
+        for f in sorted(run_dir.glob("*/model*.safetensors"))
+        for k, v in load_file(f).items()
+    }
+    return weights | {f"mixing/{k}": v for k, v in load_file(run_dir / "mixing.safetensors").items()}
+
+
 def grid_config(tmp_path, methods=None):
     """A compare config of a pretrained, a LoRA and a Bitune method over two seeds on a tiny model."""
     from bitune.experiments import load_compare_config

@@ -19,7 +19,16 @@ from bitune.serving.vllm_engine import vllm_plan
 from bitune.training.run_config import load_run_config
 from bitune.training.trainer import train
 
-from conftest import LENGTHS, PROMPTS, make_batch, model_inputs, tiny_model, write_run_config, zero_thetas
+from conftest import (
+    LENGTHS,
+    PROMPTS,
+    full_trained_weights,
+    make_batch,
+    model_inputs,
+    tiny_model,
+    write_run_config,
+    zero_thetas,
+)
 
 
 def full_pair(arch: str, variant: str = "bitune", **config):
@@ -168,19 +177,11 @@ def test_finetune_must_be_peft_or_full():
         BituneConfig(finetune="partial")
 
 
-def full_weight_files(run_dir) -> dict[str, torch.Tensor]:
-    return {
-        f"{p.parent.name}/{k}": v
-        for p in sorted(run_dir.glob("*/model*.safetensors"))
-        for k, v in load_file(p).items()
-    } | {f"mixing/{k}": v for k, v in load_file(run_dir / "mixing.safetensors").items()}
-
-
 def test_bitune_train_with_full_finetuning_resumes_and_its_run_loads_everywhere(tmp_path):
     path = write_run_config(tmp_path, "full")
     config = load_run_config(path, ["bitune.finetune=full"])
     run_dir = train(config)
-    saved = full_weight_files(run_dir)
+    saved = full_trained_weights(run_dir)
     assert {k.split("/")[0] for k in saved} == {"causal", "bidir", "mixing"}
     initial = dict(tiny_model("llama").named_parameters())
     assert not torch.equal(
@@ -209,7 +210,7 @@ def test_bitune_train_with_full_finetuning_resumes_and_its_run_loads_everywhere(
     save_file(tensors, file)
     overrides = ["bitune.finetune=full", f"training.output_dir={altered}"]
     assert not torch.equal(
-        full_weight_files(train(load_run_config(path, overrides), resume=True))[
+        full_trained_weights(train(load_run_config(path, overrides), resume=True))[
             "bidir/model.layers.0.self_attn.k_proj.weight"
         ],
         saved["bidir/model.layers.0.self_attn.k_proj.weight"],
@@ -217,7 +218,7 @@ def test_bitune_train_with_full_finetuning_resumes_and_its_run_loads_everywhere(
     resumed = train(
         load_run_config(path, ["bitune.finetune=full", f"training.output_dir={interrupted}"]), resume=True
     )
-    ours, theirs = full_weight_files(resumed), saved
+    ours, theirs = full_trained_weights(resumed), saved
     assert ours.keys() == theirs.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -21,7 +21,7 @@ from bitune.layout import checkpoints, is_complete_checkpoint, latest_complete_c
 from bitune.training.run_config import load_run_config
 from bitune.training.trainer import train
 
-from conftest import trained_weights, write_run_config
+from conftest import full_trained_weights, trained_weights, write_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -167,12 +167,23 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def with_full_finetuning(path: Path) -> Path:
+    """The run config at ``path`` with ``bitune.finetune: full``."""
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "bitune": {"finetune": "full"}}))
+    return path
+
+
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
-    single = train(
-        load_run_config(write_config(tmp_path, "single", batch_size=4, gradient_accumulation_steps=1))
-    )
-    path = write_config(tmp_path, "ddp", batch_size=2, gradient_accumulation_steps=1)
+@pytest.mark.parametrize("finetune", ["peft", "full"])
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, finetune):
+    def config(name: str, batch_size: int) -> Path:
+        path = write_config(tmp_path, name, batch_size=batch_size, gradient_accumulation_steps=1)
+        return with_full_finetuning(path) if finetune == "full" else path
+
+    weights = full_trained_weights if finetune == "full" else trained_weights
+    single = train(load_run_config(config("single", 4)))
+    path = config("ddp", 2)
     # `--cpu --num_processes 2` starts a single process in accelerate 1.15 (multi-CPU needs mpirun there);
     # `--multi_gpu` on a machine without GPUs starts two torchrun processes that train on the CPU over gloo.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
@@ -186,10 +197,11 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
         for d in (tmp_path / "ddp", single)
     ]
     assert epochs[0] == epochs[1]  # each process saw half of every global batch, not all the data
-    ours, theirs = trained_weights(tmp_path / "ddp"), trained_weights(single)
+    ours, theirs = weights(tmp_path / "ddp"), weights(single)
+    assert ours.keys() == theirs.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=1e-4, msg=name)
-    moved = [n for n in ours if "lora_B" in n and ours[n].abs().sum() > 0]
+    moved = [n for n in ours if ("lora_B" in n or n.startswith("bidir/")) and ours[n].abs().sum() > 0]
     assert moved  # training did change the weights
 
 
