@@ -9,8 +9,9 @@ With ``--engine builtin`` (the default) the built-in engine is measured against 
 --continuous-batching` (plain causal, no Bitune, paged attention); ``--plain-bitune`` adds the built-in
 engine serving the base model alone (the engine's cost without the second prompt pass). With ``--engine
 vllm`` (in the environment of ``make setup-vllm``) `bitune serve --engine vllm` is measured against the
-built-in engine on the same run and against vLLM's own OpenAI server on the base model (no Bitune, no LoRA,
-prefix caching off as in bitune's); ``--vllm-options`` go to both vLLM servers.
+built-in engine on the same run, against vLLM's own OpenAI server on the base model (no Bitune, no LoRA,
+prefix caching off as in bitune's), and against that server decoding with the run's causal adapter as a
+vLLM LoRA (no connector: what the LoRA costs in vLLM by itself); ``--vllm-options`` go to every vLLM server.
 
 1. Correctness of the engine under test: 64 chat requests (greedy, the questions of
    examples/chat_conversations.jsonl and variations) from 16 concurrent clients; every response must arrive,
@@ -275,6 +276,12 @@ def main() -> None:
                      "--served-model-name", "plain", "--dtype", "float32", "--max-num-seqs",
                      str(args.max_batch_size), "--no-enable-prefix-caching", *vllm_options]  # fmt: skip
             servers.append(("plain_vllm", plain, "plain", {}))
+            adapter = Path(target) / "causal" / "adapter_config.json"
+            if adapter.is_file():  # the same with the run's LoRA, set up as bitune's engine sets it up
+                rank = max(8, json.loads(adapter.read_text())["r"])
+                lora = ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", "1",
+                        "--lora-modules", f"causal={adapter.parent}"]  # fmt: skip
+                servers.append(("plain_vllm_lora", [*plain, *lora], "causal", {}))
     else:
         servers.append(("bitune", builtin, "bitune", {"check": True}))
         if args.plain_bitune:
@@ -297,9 +304,9 @@ def main() -> None:
         report[name] = result["levels"]
         if "correctness" in result:
             report[f"{name}_correctness"] = result["correctness"]
+        if args.output:  # after every server: a later failure keeps what was measured
+            Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
-    if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
 
 
 SERVERS = {
@@ -308,6 +315,7 @@ SERVERS = {
     "bitune_plain_base": "bitune, base model",
     "transformers_serve": "transformers serve (continuous batching)",
     "plain_vllm": "plain vLLM (base model)",
+    "plain_vllm_lora": "plain vLLM + the run's causal LoRA",
 }
 
 
@@ -335,6 +343,7 @@ def print_table(report: dict) -> None:
     pairs = [(tested, name) for name in SERVERS if name != tested]
     if report["engine"] == "vllm":
         pairs.append(("bitune", "plain_vllm"))  # the built-in engine against plain vLLM too
+        pairs.append(("plain_vllm_lora", "plain_vllm"))  # what vLLM's LoRA costs by itself
     print("| clients | ratio | tokens/s | TTFT p50 | latency p50 | latency p95 |")
     print("|---|---|---|---|---|---|")
     for a_name, b_name in pairs:
