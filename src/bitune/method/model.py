@@ -65,7 +65,7 @@ from .saving import (
     read_trained_weights,
     save_bitune,
 )
-from .weights import FullWeights, FullWeightSwitch, load_model_weights
+from .weights import FullWeights, FullWeightSwitch, copy_weights
 
 
 class Prefilled(NamedTuple):
@@ -202,24 +202,19 @@ class BituneModel(nn.Module):
         """Trainable parameters per adapter (per weight set under full fine-tuning) and for the mixing
         coefficients."""
         if self.is_full:
+            sets = {CAUSAL_ADAPTER: self.full_model, BIDIR_ADAPTER: self.full_weights}
             counts = {
-                f"weights {CAUSAL_ADAPTER}": sum(
-                    p.numel() for p in self.full_model.parameters() if p.requires_grad
-                )
+                f"weights {name}": sum(p.numel() for p in module.parameters() if p.requires_grad)
+                for name, module in sets.items()
+                if module is not None
             }
-            if self.full_weights is not None:
-                counts[f"weights {BIDIR_ADAPTER}"] = sum(
-                    p.numel() for p in self.full_weights.parameters() if p.requires_grad
+        else:
+            counts = {
+                f"adapter {name}": sum(
+                    p.numel() for p in adapter_parameters(self.peft_model, [name]).values() if p.requires_grad
                 )
-            if self.mixing is not None:
-                counts["mixing"] = sum(p.numel() for p in self.mixing.parameters() if p.requires_grad)
-            return counts
-        counts = {
-            f"adapter {name}": sum(
-                p.numel() for p in adapter_parameters(self.peft_model, [name]).values() if p.requires_grad
-            )
-            for name in self.bitune_config.adapter_names
-        }
+                for name in self.bitune_config.adapter_names
+            }
         if self.mixing is not None:
             counts["mixing"] = sum(p.numel() for p in self.mixing.parameters() if p.requires_grad)
         return counts
@@ -489,17 +484,18 @@ class BituneModel(nn.Module):
             raise ValueError(
                 f"{directory} holds adapters {meta['adapters']}, the model has {list(self.adapter_configs)}"
             )
-        if meta["bitune"].get("finetune", "peft") != self.bitune_config.finetune:
+        saved = meta["bitune"].get("finetune", "peft")
+        if saved != self.bitune_config.finetune:
             raise ValueError(
-                f"{directory} was fine-tuned with finetune={meta['bitune'].get('finetune', 'peft')!r}, the model "
-                f"has finetune={self.bitune_config.finetune!r}"
+                f"{directory} was fine-tuned with finetune={saved!r}, the model has "
+                f"finetune={self.bitune_config.finetune!r}"
             )
         adapters, thetas = read_trained_weights(directory, meta, device=self.device)
         for name, weights in adapters.items():
             if not self.is_full:
                 load_adapter_state_dict(self.peft_model, name, weights)
             elif name == CAUSAL_ADAPTER:
-                load_model_weights(self.full_model, weights)
+                copy_weights(dict(self.full_model.named_parameters()), weights, "the causal weights")
             else:
                 self.full_weights.load(weights)
         if (self.mixing is None) != (thetas is None):

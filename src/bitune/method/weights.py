@@ -39,38 +39,24 @@ class FullWeights(nn.Module):
         excluded = set(unreachable)
         modules = dict(model.named_modules())
         self.names: list[str] = []
-        copies = {}
+        self.bidir = nn.ParameterDict()
+        slots = []  # (module, attribute, copy): where each copy goes during a bidir pass
         for name, param in model.named_parameters():
-            module_name = name.rpartition(".")[0]
+            module_name, _, attr = name.rpartition(".")
             if module_name in excluded:
                 continue
             self.names.append(name)
-            copies[_key(name)] = nn.Parameter(param.detach().clone(), requires_grad=True)
-        self.bidir = nn.ParameterDict(copies)
-        # (module, attribute, copy): where each copy goes during a bidir pass; kept out of the module tree
-        object.__setattr__(
-            self,
-            "_slots",
-            [
-                (modules[name.rpartition(".")[0]], name.rpartition(".")[2], self.bidir[_key(name)])
-                for name in self.names
-            ],
-        )
+            self.bidir[_key(name)] = nn.Parameter(param.detach().clone(), requires_grad=True)
+            slots.append((modules[module_name], attr, self.bidir[_key(name)]))
+        object.__setattr__(self, "_slots", slots)  # kept out of the module tree
 
     def state(self) -> dict[str, torch.Tensor]:
         """The copies by the model's parameter names."""
         return {name: self.bidir[_key(name)] for name in self.names}
 
     def load(self, weights: dict[str, torch.Tensor]) -> None:
-        """Copy ``weights`` (by the model's parameter names) into the copies.
-
-        Raises:
-            ValueError: if the names or shapes differ from the copies'.
-        """
-        check_same_keys(weights, {n: self.bidir[_key(n)] for n in self.names}, "the bidir weights")
-        with torch.no_grad():
-            for name in self.names:
-                self.bidir[_key(name)].copy_(weights[name])
+        """Copy ``weights`` (by the model's parameter names) into the copies (`copy_weights`)."""
+        copy_weights(self.state(), weights, "the bidir weights")
 
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
@@ -85,26 +71,20 @@ class FullWeights(nn.Module):
                 module._parameters[attr] = param
 
 
-def check_same_keys(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
-    """Raise ValueError unless ``weights`` has exactly the names and shapes of ``expected``."""
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    shapes = [n for n in expected if n in weights and tuple(weights[n].shape) != tuple(expected[n].shape)]
+def copy_weights(params: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], what: str) -> None:
+    """Copy ``weights`` into ``params`` (the same names, every one of them).
+
+    Raises:
+        ValueError: naming ``what``, if the names or shapes differ (nothing is copied).
+    """
+    missing = sorted(set(params) - set(weights))
+    unexpected = sorted(set(weights) - set(params))
+    shapes = [n for n in params if n in weights and tuple(weights[n].shape) != tuple(params[n].shape)]
     if missing or unexpected or shapes:
         raise ValueError(
             f"{what}: the saved weights do not fit the model: missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}, other shapes {shapes[:5]}"
         )
-
-
-def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Copy ``weights`` (by parameter name) into ``model``'s parameters (every one of them).
-
-    Raises:
-        ValueError: if the names or shapes differ from the model's parameters.
-    """
-    params = dict(model.named_parameters())
-    check_same_keys(weights, params, "the causal weights")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(weights[name])
