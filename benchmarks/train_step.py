@@ -4,12 +4,13 @@ one run.
     python benchmarks/train_step.py                                   # both shapes, 64:64, 50:200, 200:50
     python benchmarks/train_step.py --shapes smollm2-135m --lengths 64:64 --repeats 7
     python benchmarks/train_step.py --no-memory                       # time only
-    python benchmarks/train_step.py --sharding                        # DDP vs FSDP2, 2 processes
+    python benchmarks/train_step.py --sharding                        # DDP vs FSDP2 vs ZeRO-2/3, 2 processes
 
 With ``--sharding``: ``bitune train`` of the packaged SmolLM2-135M-Instruct (real weights and shape) on 64
-ARC-Easy rows, launched with ``configs/accelerate/ddp.yaml`` and ``fsdp.yaml`` on 2 processes (gloo on
-CPU), batch 2 per process, 12 updates; the Trainer's ``train_runtime`` (the same steps, data loading and
-logging in both) and the peak resident set of the largest process, as FSDP2 / DDP ratios.
+ARC-Easy rows, launched with ``configs/accelerate/ddp.yaml``, ``fsdp.yaml``, ``deepspeed_zero2.yaml`` and
+``deepspeed_zero3.yaml`` on 2 processes (gloo on CPU), batch 2 per process, 12 updates; the Trainer's
+``train_runtime`` (the same steps, data loading and logging in all) and the peak resident set of the
+largest process, as ratios to DDP's.
 
 Methods (benchmarks/shapes.py): ``hf_peft_lora`` (HF model + PEFT LoRA over the whole sequence, labels
 -100 on the prompt), bitune's ``lora`` and ``bitune``, and ``bitune_recompute`` (``checkpoint_prompt_passes``);
@@ -153,11 +154,14 @@ def sharded_run(launcher: str, directory: Path) -> dict[str, float]:
     return {"seconds": runtime, "peak_mb": float(done.stdout.strip().splitlines()[-1])}
 
 
-def compare_sharding(repeats: int) -> None:
+LAUNCHERS = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")  # DDP first: the baseline of the ratios
+
+
+def compare_sharding(repeats: int, launchers: list[str]) -> None:
     import tempfile
 
     print(f"2 processes, SmolLM2-135M-Instruct, 12 updates of 2 x 2 rows, {repeats} runs each (medians)")
-    runs = {"ddp": [], "fsdp": []}
+    runs = {"ddp": [], **{launcher: [] for launcher in launchers}}
     for _ in range(repeats):
         for launcher in runs:  # interleaved: the machine's noise falls on both
             with tempfile.TemporaryDirectory() as directory:
@@ -183,10 +187,19 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
-    parser.add_argument("--sharding", action="store_true", help="DDP vs FSDP2 on 2 processes (see above)")
+    parser.add_argument(
+        "--sharding", action="store_true", help="DDP vs sharded launchers, 2 processes (see above)"
+    )
+    parser.add_argument(
+        "--launchers",
+        nargs="+",
+        default=list(LAUNCHERS[1:]),
+        choices=list(LAUNCHERS[1:]),
+        help="with --sharding: the launchers measured against DDP",
+    )
     args = parser.parse_args()
     if args.sharding:
-        compare_sharding(args.repeats)
+        compare_sharding(args.repeats, args.launchers)
         return
     if args.memory_child:
         shape, method, prompt, answer, batch = args.memory_child

@@ -202,6 +202,15 @@ def write_run_config(directory, name: str = "run", **training):
     return path
 
 
+def with_full_finetuning(path):
+    """The run config at ``path`` with ``bitune.finetune: full`` (rewritten in place); returns ``path``."""
+    import json
+
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "bitune": {"finetune": "full"}}))
+    return path
+
+
 def trained_weights(run_dir) -> dict[str, torch.Tensor]:
     """Every trained tensor of a saved Bitune model (adapters and thetas), by file and name."""
     from pathlib import Path

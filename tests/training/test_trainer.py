@@ -21,7 +21,7 @@ from bitune.layout import checkpoints, is_complete_checkpoint, latest_complete_c
 from bitune.training.run_config import load_run_config
 from bitune.training.trainer import train
 
-from conftest import full_trained_weights, trained_weights, write_run_config
+from conftest import full_trained_weights, trained_weights, with_full_finetuning, write_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -165,13 +165,6 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert ours.keys() == theirs.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-5, msg=name)
-
-
-def with_full_finetuning(path: Path) -> Path:
-    """The run config at ``path`` with ``bitune.finetune: full``."""
-    config = json.loads(path.read_text())
-    path.write_text(json.dumps({**config, "bitune": {"finetune": "full"}}))
-    return path
 
 
 @pytest.mark.slow

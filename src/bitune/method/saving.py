@@ -86,6 +86,15 @@ def check_finite(weights: Weights, where: str) -> None:
             )
 
 
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the CPU, contiguous, copied where it is a view of a larger storage (DeepSpeed's flat
+    parameter buffers), which safetensors would refuse to save as a shared tensor."""
+    tensor = tensor.detach().contiguous()
+    if tensor.untyped_storage().nbytes() > tensor.nbytes:
+        return tensor.to("cpu", copy=True)
+    return tensor.cpu()
+
+
 def save_bitune(
     directory: str | Path,
     meta: dict[str, Any],
@@ -113,7 +122,7 @@ def save_bitune(
         for name, adapter_config in adapter_configs.items():
             folder = staging / name
             folder.mkdir()
-            tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_weights[name].items()}
+            tensors = {k: _own_storage(v) for k, v in adapter_weights[name].items()}
             if adapter_config is None:
                 from huggingface_hub import save_torch_state_dict
 

@@ -1,6 +1,9 @@
-"""Training a BituneModel sharded over processes with FSDP2 (``accelerate launch`` with an FSDP config).
+"""Training a BituneModel sharded over processes: FSDP2 or DeepSpeed ZeRO (``accelerate launch`` with an
+FSDP or DeepSpeed config).
 
-The Trainer shards through accelerate's FSDP2 code; what a BituneModel adds is here:
+The Trainer shards through accelerate's FSDP2 and DeepSpeed code; what a BituneModel adds is here.
+
+FSDP2:
 
 - accelerate switches FSDP on only beside an accelerator device, although torch's FSDP2 (``fully_shard``)
   also runs on CPU over gloo; on a machine without one, `enable_fsdp` switches it on for the CPU, so the
@@ -13,11 +16,23 @@ The Trainer shards through accelerate's FSDP2 code; what a BituneModel adds is h
   collective: every process calls them.
 
 Sharded decoder layers are the base model's ``_no_split_modules`` (accelerate's transformer-based wrap).
+
+DeepSpeed (ZeRO stages 1-3; DeepSpeed runs on the CPU too, over gloo):
+
+- under ZeRO-3 transformers partitions the base model as it loads (``deepspeed.zero.Init``), so the build
+  of the Bitune model (its probes run the model on two tokens, PEFT reads the layers' shapes) sees the
+  base model gathered (`gathered`): for that moment each process holds the whole base model;
+- the mixing coefficients and adapters are partitioned like every other parameter (ZeRO-3); DeepSpeed
+  gathers the ones a forward reads, and `gathered` makes the thetas whole where they are read outside a
+  forward (the logged ratios), the trained weights whole for saving;
+- a checkpoint keeps DeepSpeed's optimizer partitions (the fp32 master weights, which resume the trained
+  weights) and no copy of the frozen base (`checkpoint_without_frozen_weights`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +41,7 @@ import torch
 import torch.distributed as dist
 from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 from peft.utils.save_and_load import _insert_adapter_name_into_state_dict
+from transformers import TrainerCallback
 
 from ..method.model import BituneModel
 from ..method.saving import read_bitune_config, read_trained_weights
@@ -42,17 +58,33 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def check_fsdp_supports(config) -> None:
-    """Refuse, under an FSDP launch, what bitune cannot shard (before any model loads).
+def deepspeed_requested() -> bool:
+    """Whether this process was launched with a DeepSpeed config (``accelerate launch`` sets the variable)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def zero3_enabled() -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions the parameters (known once the TrainingArguments exist)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def check_sharding_supports(config) -> None:
+    """Refuse, under an FSDP or DeepSpeed ZeRO-3 launch, what bitune cannot shard (before any model loads).
 
     Raises:
-        ValueError: for full fine-tuning (``bitune.finetune: full``) under FSDP.
+        ValueError: for full fine-tuning (``bitune.finetune: full``) under FSDP or ZeRO-3.
     """
-    if fsdp_requested() and config.finetune == "full":
-        raise ValueError(
-            "FSDP: full fine-tuning (bitune.finetune: full) is not supported with FSDP yet (its second weight "
-            "set is swapped into the sharded modules per pass); train it with DDP (configs/accelerate/ddp.yaml)"
-        )
+    if config.finetune != "full":
+        return
+    for sharded, name in ((fsdp_requested(), "FSDP"), (zero3_enabled(), "DeepSpeed ZeRO-3")):
+        if sharded:
+            raise ValueError(
+                f"{name}: full fine-tuning (bitune.finetune: full) is not supported with {name} yet (its second "
+                "weight set is swapped into the sharded modules per pass); train it with DDP "
+                "(configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)"
+            )
 
 
 def enable_fsdp(accelerator, model: BituneModel) -> None:
@@ -63,7 +95,7 @@ def enable_fsdp(accelerator, model: BituneModel) -> None:
     """
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    check_fsdp_supports(model.bitune_config)
+    check_sharding_supports(model.bitune_config)
     state = accelerator.state
     if state.distributed_type == DistributedType.MULTI_CPU:  # accelerate's FSDP needs a GPU-like device
         state.distributed_type = DistributedType.FSDP
@@ -87,17 +119,83 @@ def enable_fsdp(accelerator, model: BituneModel) -> None:
 
 
 @contextlib.contextmanager
-def without_full_model_copy() -> Iterator[None]:
-    """The Trainer's FSDP checkpoint without the whole model (``pytorch_model_fsdp.bin``, frozen base
-    included): a checkpoint keeps only what trains, which the Trainer's ``save_model`` already wrote."""
+def checkpoint_without_frozen_weights(trainer) -> Iterator[None]:
+    """The Trainer's own checkpoint of a sharded model without the frozen base: no ``pytorch_model_fsdp.bin``
+    (the whole model) under FSDP, DeepSpeed's module states without the frozen parameters. A checkpoint
+    keeps what trains, which the Trainer's ``save_model`` already wrote (and DeepSpeed's optimizer
+    partitions)."""
     import transformers.trainer
 
-    original = transformers.trainer.save_fsdp_model
-    transformers.trainer.save_fsdp_model = lambda *args, **kwargs: None
+    if trainer.is_fsdp_enabled:
+        original = transformers.trainer.save_fsdp_model
+        transformers.trainer.save_fsdp_model = lambda *args, **kwargs: None
+        try:
+            yield
+        finally:
+            transformers.trainer.save_fsdp_model = original
+    elif trainer.is_deepspeed_enabled:
+        engine = trainer.model_wrapped
+        engine.save_checkpoint = functools.partial(
+            type(engine).save_checkpoint, engine, exclude_frozen_parameters=True
+        )
+        try:
+            yield
+        finally:
+            del engine.save_checkpoint
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def deepspeed_resumes_without_frozen_weights() -> Iterator[None]:
+    """Resuming from a DeepSpeed checkpoint written by `checkpoint_without_frozen_weights`: its module
+    states lack the frozen base (which is the loaded base model's), so they load non-strictly."""
+    import transformers.trainer
+
+    original = transformers.trainer.deepspeed_load_checkpoint
+
+    def load(engine, checkpoint, load_module_strict=True):
+        return original(engine, checkpoint, load_module_strict=False)
+
+    transformers.trainer.deepspeed_load_checkpoint = load
     try:
         yield
     finally:
-        transformers.trainer.save_fsdp_model = original
+        transformers.trainer.deepspeed_load_checkpoint = original
+
+
+class MixingReadByTheWholeModel(TrainerCallback):
+    """Under ZeRO-3, the thetas become parameters of the whole Bitune model's forward for DeepSpeed
+    (``register_external_parameter``): the mixing module returns caches, not tensors, so DeepSpeed's
+    backward hooks would not gather its thetas back for the backward of the mix. Registered once
+    DeepSpeed has made them its parameters (at the start of training)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None or model.mixing is None or not _partitioned(model.mixing.parameters()):
+            return
+        import deepspeed
+
+        for param in model.mixing.parameters():
+            deepspeed.zero.register_external_parameter(model, param)
+
+
+def _partitioned(params) -> list[torch.Tensor]:
+    return [p for p in params if hasattr(p, "ds_id")]  # DeepSpeed ZeRO-3's parameters
+
+
+@contextlib.contextmanager
+def gathered(params, modifier_rank: int | None = None) -> Iterator[None]:
+    """``params`` whole for the block where DeepSpeed ZeRO-3 partitions them (collective: every process
+    enters with the same parameters); nothing to do for others. With ``modifier_rank``, what that process
+    writes into them is partitioned back to every process at the end."""
+    partitioned = _partitioned(params)
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield
 
 
 def keep_mixing_replicated(model: BituneModel) -> None:
@@ -121,15 +219,15 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 def gathered_trained_weights(model: BituneModel) -> dict[str, torch.Tensor] | None:
     """Every trained parameter, whole, by name, for `BituneModel.save_pretrained` (collective: every process
-    calls it); None for a model that is not sharded (it saves its own weights)."""
+    calls it); None for a model whose parameters are whole (it saves its own weights)."""
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if _partitioned(trained.values()):
+        with gathered(trained.values()):
+            return {name: p.detach().clone() for name, p in trained.items()}
     if not is_sharded(model):
         return None
     DTensor = _dtensor()
-    return {
-        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach()
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    }
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for name, p in trained.items()}
 
 
 def all_processes_agree(flag: bool) -> bool:
@@ -142,17 +240,25 @@ def all_processes_agree(flag: bool) -> bool:
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's part of ``tensor`` (the tensor itself unless it is a shard)."""
+    """This process's part of ``tensor`` (the tensor itself unless it is a shard or a ZeRO-3 partition)."""
+    if hasattr(tensor, "ds_tensor"):
+        return tensor.ds_tensor
     return tensor.to_local() if isinstance(tensor, _dtensor()) else tensor
 
 
 def load_trained_weights(model: BituneModel, directory: str | Path) -> None:
     """Load the adapters and thetas saved in ``directory`` into ``model``, into its shards if it is sharded
-    (then collective).
+    or partitioned (then collective).
 
     Raises:
         ValueError: if a trained parameter of the model is not in the saved weights, or has another shape.
     """
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if _partitioned(trained):
+        with gathered(trained, modifier_rank=0):
+            if dist.get_rank() == 0:
+                model.load_trained_weights(directory)
+        return
     if not is_sharded(model):
         model.load_trained_weights(directory)
         return

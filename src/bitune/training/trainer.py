@@ -70,12 +70,17 @@ class BituneTrainerMixin:
             # into the whole model, before accelerate shards it (the Trainer would load after that)
             self.accelerator.unwrap_model(self.model).load_trained_weights(resume_from_checkpoint)
             self._loaded_before_sharding = str(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        deepspeed = self.is_deepspeed_enabled
+        if deepspeed:
+            self.add_callback(sharding.MixingReadByTheWholeModel)
+        with sharding.deepspeed_resumes_without_frozen_weights() if deepspeed else contextlib.nullcontext():
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        # a sharded model: gather what trains (not the frozen base), on every process
+        # a sharded model: gather what trains (not the frozen base), on every process; under DeepSpeed
+        # the Trainer would copy the whole model's state first
         trained = sharding.gathered_trained_weights(self.accelerator.unwrap_model(self.model))
-        if trained is not None:
+        if trained is not None or self.is_deepspeed_enabled:
             self._save(output_dir, state_dict=trained)
         else:
             super().save_model(output_dir, _internal_call)
@@ -92,7 +97,7 @@ class BituneTrainerMixin:
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        with sharding.without_full_model_copy() if self.is_fsdp_enabled else contextlib.nullcontext():
+        with sharding.checkpoint_without_frozen_weights(self):
             super()._save_optimizer_and_scheduler(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -107,11 +112,13 @@ class BituneTrainerMixin:
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model)
-        ratios = model.mixing_ratios()
-        if ratios["k"] and ("loss" in logs or "eval_loss" in logs):
-            logs["alpha_k_mean"] = sum(ratios["k"]) / len(ratios["k"])
-            logs["alpha_v_mean"] = sum(ratios["v"]) / len(ratios["v"])
-        super().log(logs, start_time)
+        mixing = list(model.mixing.parameters()) if model.mixing is not None else []
+        with sharding.gathered(mixing):  # every process logs; the callbacks read the ratios too
+            ratios = model.mixing_ratios()
+            if ratios["k"] and ("loss" in logs or "eval_loss" in logs):
+                logs["alpha_k_mean"] = sum(ratios["k"]) / len(ratios["k"])
+                logs["alpha_v_mean"] = sum(ratios["v"]) / len(ratios["v"])
+            super().log(logs, start_time)
 
 
 class BituneTrainer(BituneTrainerMixin, Trainer):
@@ -171,9 +178,12 @@ def training_arguments(config: RunConfig) -> TrainingArguments:
         return TrainingArguments(**{**settings, **t.trainer_args})
     except (ValueError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(
-            f"training.trainer_args {dict(t.trainer_args)}: transformers refuses them: {first}"
-        ) from None
+        if t.trainer_args:
+            raise ValueError(
+                f"training.trainer_args {dict(t.trainer_args)}: transformers refuses them: {first}"
+            ) from None
+        # a launch setting (an accelerate or DeepSpeed config), not a field of the run config
+        raise ValueError(f"transformers refuses the training arguments: {first}") from None
 
 
 def holds_run(output_dir: str | Path) -> bool:
@@ -202,7 +212,7 @@ def train(config: RunConfig, resume: bool = False, allow_changes: tuple[str, ...
         callbacks.TrainingDiverged: at the first update whose gradient or weights are not finite.
     """
     compat.check_trainer()
-    sharding.check_fsdp_supports(config.bitune_config())
+    sharding.check_sharding_supports(config.bitune_config())  # FSDP: known from the launch
     output_dir = Path(config.training.output_dir)
     if not resume and holds_run(output_dir):  # before the lock too: never hold it only to refuse
         raise FileExistsError(
@@ -248,6 +258,7 @@ def _build_trainer(config: RunConfig) -> BituneTrainer:
     """Load the model and data and wire the Trainer (nothing is written to the run directory)."""
     output_dir = Path(config.training.output_dir)
     args = training_arguments(config)  # transformers' own checks, before anything loads
+    sharding.check_sharding_supports(config.bitune_config())  # ZeRO-3: known once the arguments exist
     set_seed(config.training.seed)  # adapters' initialisation
     model, tokenizer = load_model(
         config.model.name,
@@ -255,7 +266,8 @@ def _build_trainer(config: RunConfig) -> BituneTrainer:
         attn_implementation=config.model.attn_implementation,
     )
     rows, eval_rows, prompt_format = training_data(config, tokenizer)
-    bitune_model = get_bitune_model(model, config.bitune_config())
+    with sharding.gathered(list(model.parameters())):  # ZeRO-3 partitioned the base model as it loaded
+        bitune_model = get_bitune_model(model, config.bitune_config())
     callbacks = [
         FiniteCheck(bitune_model, output_dir),
         MixingLogCallback(bitune_model, output_dir, "tensorboard" in config.training.report_to),

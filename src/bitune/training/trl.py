@@ -40,6 +40,7 @@ from ..method.config import BituneConfig
 from ..method.model import BituneModel, get_bitune_model
 from ..packages import require_package
 from ..references import load_model
+from . import sharding
 from .trainer import BituneTrainerMixin
 
 require_package("trl", "pip install 'bitune[trl]'", "bitune.trl")
@@ -92,7 +93,8 @@ class BituneSFTTrainer(BituneTrainerMixin, SFTTrainer):
             model, tokenizer = load_model(model)
             processing_class = processing_class or tokenizer
         if isinstance(model, PreTrainedModel):
-            model = get_bitune_model(model, bitune_config)
+            with sharding.gathered(list(model.parameters())):  # under ZeRO-3, partitioned as it loaded
+                model = get_bitune_model(model, bitune_config)
         elif not isinstance(model, BituneModel):
             raise ValueError(
                 f"model must be a reference, a PreTrainedModel or a BituneModel, got {type(model).__name__}"
