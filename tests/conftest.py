@@ -202,6 +202,16 @@ def write_run_config(directory, name: str = "run", **training):
     return path
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now, for a launched job's rendezvous (torchrun's default 29500
+    would collide with another launch running at the same time)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def with_full_finetuning(path):
     """The run config at ``path`` with ``bitune.finetune: full`` (rewritten in place); returns ``path``."""
     import json

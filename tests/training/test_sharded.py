@@ -21,7 +21,7 @@ from bitune.training import sharding
 from bitune.training.run_config import load_run_config
 from bitune.training.trainer import train
 
-from conftest import full_trained_weights, trained_weights, with_full_finetuning, write_run_config
+from conftest import free_port, full_trained_weights, trained_weights, with_full_finetuning, write_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp.yaml"
@@ -70,7 +70,7 @@ def launch(
     script = directory / "hooked_train.py"
     script.write_text(HOOKED_TRAIN)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    command += ["--num_processes", "2", str(script), *args]
+    command += ["--num_processes", "2", "--main_process_port", str(free_port()), str(script), *args]
     return subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
     )
@@ -167,17 +167,19 @@ def check_sharded_run(tmp_path: Path, config: Path, finetune: str = "peft") -> N
 
 
 @pytest.mark.slow
-def test_fsdp2_on_two_processes_matches_one_process_resumes_after_a_kill_and_loads_in_one(tmp_path):
-    check_sharded_run(tmp_path, FSDP_CONFIG)
+@pytest.mark.parametrize("finetune", ["peft", "full"])
+def test_fsdp2_on_two_processes_matches_one_process_resumes_after_a_kill_and_loads_in_one(tmp_path, finetune):
+    check_sharded_run(tmp_path, FSDP_CONFIG, finetune)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["zero2", "zero2-full", "zero3"])
+@pytest.mark.parametrize("finetune", ["peft", "full"])
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_on_two_processes_matches_one_process_resumes_after_a_kill_and_loads_in_one(
-    tmp_path, stage
+    tmp_path, stage, finetune
 ):
     config = zero3_partitioning_everything(tmp_path) if stage == "zero3" else ZERO2_CONFIG
-    check_sharded_run(tmp_path, config, finetune="full" if stage.endswith("full") else "peft")
+    check_sharded_run(tmp_path, config, finetune)
 
 
 @pytest.mark.slow
@@ -213,22 +215,6 @@ def test_fsdp_configs_bitune_cannot_train_with_are_refused_by_name():
         )
         with pytest.raises(ValueError, match=message):
             sharding.enable_fsdp(accelerator, SimpleNamespace(mixing=None, bitune_config=BituneConfig()))
-
-
-@pytest.mark.parametrize("sharding_name", ["FSDP", "DeepSpeed ZeRO-3"])
-def test_full_finetuning_under_fsdp_or_zero3_is_refused_before_the_model_loads(
-    tmp_path, monkeypatch, sharding_name
-):
-    if sharding_name == "FSDP":
-        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    else:  # what transformers answers once a ZeRO-3 launch's TrainingArguments exist
-        monkeypatch.setattr(sharding, "zero3_enabled", lambda: True)
-    loaded = []
-    monkeypatch.setattr("bitune.training.trainer.load_model", lambda *a, **k: loaded.append(a))
-    config = load_run_config(write_run_config(tmp_path, "full"), ["bitune.finetune=full"])
-    with pytest.raises(ValueError, match=rf"full fine-tuning .* not supported with {sharding_name}"):
-        train(config)
-    assert not loaded and not (tmp_path / "full").exists()
 
 
 def test_the_shipped_fsdp_config_asks_for_fsdp2_with_whole_decoder_layers():

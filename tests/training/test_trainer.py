@@ -21,7 +21,7 @@ from bitune.layout import checkpoints, is_complete_checkpoint, latest_complete_c
 from bitune.training.run_config import load_run_config
 from bitune.training.trainer import train
 
-from conftest import full_trained_weights, trained_weights, with_full_finetuning, write_run_config
+from conftest import free_port, full_trained_weights, trained_weights, with_full_finetuning, write_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -181,6 +181,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     # `--multi_gpu` on a machine without GPUs starts two torchrun processes that train on the CPU over gloo.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(free_port())]
     proc = subprocess.run(
         [*launch, "-m", "bitune", "train", str(path)], cwd=REPO, capture_output=True, text=True, timeout=600
     )

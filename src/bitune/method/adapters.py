@@ -123,6 +123,10 @@ class AdapterSwitch:
         """The PEFT adapters that run for Bitune's adapter ``name`` (none for a merged causal adapter)."""
         return [] if self.merged and name == CAUSAL_ADAPTER else [name]
 
+    def decoder(self, name: str, causal: torch.nn.Module) -> torch.nn.Module:
+        """The decoder that runs a pass with adapter ``name``: every adapter lives in ``causal``'s layers."""
+        return causal
+
     @property
     def can_route_rows(self) -> bool:
         """Whether `per_row` is exact for every layer (plain LoRA; not DoRA or IA3)."""

@@ -452,12 +452,17 @@ class BituneModel(nn.Module):
             "num_cache_layers": self.support.num_cache_layers,
         }
         mixing = dict(self.mixing.named_parameters()) if self.mixing is not None else None
+        if trained is not None and mixing is not None:
+            mixing = {k.removeprefix("mixing."): v for k, v in trained.items() if k.startswith("mixing.")}
         if self.is_full:
-            if trained is not None:
-                raise ValueError("a fully fine-tuned model is saved from its own weights (not sharded)")
-            weights = {CAUSAL_ADAPTER: dict(self.full_model.named_parameters())}
+            state = trained if trained is not None else dict(self.named_parameters())
+            weights = {
+                CAUSAL_ADAPTER: {n: state[f"full_model.{n}"] for n, _ in self.full_model.named_parameters()}
+            }
             if self.full_weights is not None:
-                weights[BIDIR_ADAPTER] = self.full_weights.state()
+                names = self.full_weights.names
+                prefixed = {n: f"full_weights.{self.full_weights.parameter_name(n)}" for n in names}
+                weights[BIDIR_ADAPTER] = {n: state[prefixed[n]] for n in names}
             save_bitune(save_directory, meta, self.adapter_configs, weights, mixing)
             return
         peft_state = None  # the adapters' own weights
@@ -465,8 +470,6 @@ class BituneModel(nn.Module):
             peft_state = {
                 k.removeprefix("peft_model."): v for k, v in trained.items() if k.startswith("peft_model.")
             }
-            if mixing is not None:
-                mixing = {k.removeprefix("mixing."): v for k, v in trained.items() if k.startswith("mixing.")}
         weights = {
             name: adapter_state_dict(self.peft_model, name, peft_state) for name in self.adapter_configs
         }

@@ -150,8 +150,11 @@ class PromptPasses:
         routing = (
             self.adapters.use(adapters[0]) if len(set(adapters)) == 1 else self.adapters.per_row(adapters)
         )
+        decoder = (
+            self.adapters.decoder(adapters[0], self.decoder) if len(set(adapters)) == 1 else self.decoder
+        )
         with routing:
-            hidden = self.decoder(
+            hidden = decoder(
                 input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, **mask_kwargs
             ).last_hidden_state
         if cache.get_seq_length() != ids.shape[1]:

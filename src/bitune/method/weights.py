@@ -1,11 +1,12 @@
 """Full fine-tuning (``BituneConfig.finetune="full"``): the two sides of Bitune as two sets of full weights.
 
 The ``causal`` set is the model's own parameters, all trained: it reads the prompt causally and models the
-answer, as in plain full fine-tuning. The ``bidir`` set is a second, trained copy of every parameter whose
-module can change a cached K/V (the probe of `bitune.method.probes`; not the LM head, nor the last layer's
-query, output projection and MLP). A prompt pass with the bidir set swaps those parameters into their
-modules for the length of the pass (`FullWeightSwitch.use`): one forward through the same modules and the
-same code as every other pass, the gradient reaching the copies. Variants with one side (``lora``,
+answer, as in plain full fine-tuning. The ``bidir`` set is a second decoder (`FullWeights.decoder`, a copy
+of the model's decoder, no LM head) whose parameters that can change a cached K/V train (the probe of
+`bitune.method.probes`; not the last layer's query, output projection and MLP, nor the final norm: those
+stay frozen copies, which run but cannot reach the cache). A prompt pass with the bidir set runs that
+decoder (`FullWeightSwitch.decoder`): the same code as every other pass, its own modules, so a sharded
+training (FSDP2, ZeRO-3) gathers its weights like any other module's. Variants with one side (``lora``,
 ``naive_bidir``, ``shared_weights``) have no copy.
 
 Saved as safetensors (sharded past `MAX_SHARD_SIZE`, with an index), one folder per set, keyed by the
@@ -14,6 +15,7 @@ model's own parameter names; `saving.py` writes and reads them.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,44 +33,50 @@ def _key(name: str) -> str:
 
 
 class FullWeights(nn.Module):
-    """The bidir copies of ``model``'s parameters outside the modules ``unreachable`` (initialised equal,
-    in the parameter's dtype, trainable)."""
+    """The bidir weight set of ``model``: a copy of its decoder (initialised equal, in the parameters'
+    dtype) whose parameters outside the modules ``unreachable`` train.
+
+    Raises:
+        ValueError: if a parameter that can change the cached K/V lies outside the model's decoder.
+    """
 
     def __init__(self, model: PreTrainedModel, unreachable: tuple[str, ...] | list[str]) -> None:
         super().__init__()
+        decoder = model.get_decoder()
+        prefix = next(name for name, module in model.named_modules() if module is decoder)
+        prefix = f"{prefix}." if prefix else ""
         excluded = set(unreachable)
-        modules = dict(model.named_modules())
-        self.names: list[str] = []
-        self.bidir = nn.ParameterDict()
-        slots = []  # (module, attribute, copy): where each copy goes during a bidir pass
-        for name, param in model.named_parameters():
-            module_name, _, attr = name.rpartition(".")
-            if module_name in excluded:
+        self.names: list[str] = []  # the model's names of the trained copies
+        own: dict[str, str] = {}  # model name -> name in the copy
+        for name, _ in model.named_parameters():
+            if name.rpartition(".")[0] in excluded:
                 continue
+            if not name.startswith(prefix):
+                raise ValueError(
+                    f"full fine-tuning: {name} can change the cached K/V but is not in the model's decoder "
+                    f"({type(decoder).__name__}), which the bidirectional weight set copies"
+                )
             self.names.append(name)
-            self.bidir[_key(name)] = nn.Parameter(param.detach().clone(), requires_grad=True)
-            slots.append((modules[module_name], attr, self.bidir[_key(name)]))
-        object.__setattr__(self, "_slots", slots)  # kept out of the module tree
+            own[name] = name.removeprefix(prefix)
+        self.decoder = copy.deepcopy(decoder)
+        params = dict(self.decoder.named_parameters())
+        trained = set(own.values())
+        for name, param in params.items():
+            param.requires_grad_(name in trained)
+        object.__setattr__(self, "_own", own)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """The copies by the model's parameter names."""
-        return {name: self.bidir[_key(name)] for name in self.names}
+        """The trained copies by the model's parameter names."""
+        params = dict(self.decoder.named_parameters())
+        return {name: params[self._own[name]] for name in self.names}
+
+    def parameter_name(self, name: str) -> str:
+        """The `named_parameters` name (in this module) of the copy of the model's parameter ``name``."""
+        return f"decoder.{self._own[name]}"
 
     def load(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy ``weights`` (by the model's parameter names) into the copies (`copy_weights`)."""
         copy_weights(self.state(), weights, "the bidir weights")
-
-    @contextmanager
-    def swapped_in(self) -> Iterator[None]:
-        """Inside the block the model's modules hold the copies (the previous parameters after it)."""
-        previous = [(module, attr, module._parameters[attr]) for module, attr, _ in self._slots]
-        for module, attr, copy in self._slots:
-            module._parameters[attr] = copy
-        try:
-            yield
-        finally:
-            for module, attr, param in previous:
-                module._parameters[attr] = param
 
 
 def copy_weights(params: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], what: str) -> None:
@@ -91,31 +99,32 @@ def copy_weights(params: dict[str, torch.Tensor], weights: dict[str, torch.Tenso
 
 
 class FullWeightSwitch:
-    """`AdapterSwitch`'s interface for full fine-tuning: ``use("bidir")`` swaps the bidir copies in."""
+    """`AdapterSwitch`'s interface for full fine-tuning: a pass with the bidir set runs its own decoder
+    (`decoder`); ``use`` only checks the name."""
 
     merged = False
     can_route_rows = False  # a row cannot run with other weights than its batch
+    current = CAUSAL_ADAPTER
 
     def __init__(self, weights: FullWeights | None) -> None:
         self.weights = weights
-        self.current = CAUSAL_ADAPTER
 
-    @contextmanager
-    def use(self, name: str) -> Iterator[None]:
-        """Run the block with the weight set ``name``."""
-        if name == self.current:
-            yield
-            return
-        if name != BIDIR_ADAPTER or self.weights is None:
+    def _check(self, name: str) -> None:
+        if name != CAUSAL_ADAPTER and (name != BIDIR_ADAPTER or self.weights is None):
             raise ValueError(
                 f"no weight set {name!r} (full fine-tuning has {CAUSAL_ADAPTER!r} and {BIDIR_ADAPTER!r})"
             )
-        self.current = name
-        try:
-            with self.weights.swapped_in():
-                yield
-        finally:
-            self.current = CAUSAL_ADAPTER
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[None]:
+        """Run the block with the weight set ``name`` (its decoder is `decoder`'s)."""
+        self._check(name)
+        yield
+
+    def decoder(self, name: str, causal: nn.Module) -> nn.Module:
+        """The decoder that runs a pass with the weight set ``name`` (``causal``: the model's own)."""
+        self._check(name)
+        return self.weights.decoder if name == BIDIR_ADAPTER else causal
 
     def per_row(self, names: list[str]):
         raise ValueError("per-row adapters need plain LoRA layers; full weight sets cannot be routed per row")

@@ -43,6 +43,7 @@ from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 from peft.utils.save_and_load import _insert_adapter_name_into_state_dict
 from transformers import TrainerCallback
 
+from ..method.config import CAUSAL_ADAPTER
 from ..method.model import BituneModel
 from ..method.saving import read_bitune_config, read_trained_weights
 
@@ -70,23 +71,6 @@ def zero3_enabled() -> bool:
     return is_deepspeed_zero3_enabled()
 
 
-def check_sharding_supports(config) -> None:
-    """Refuse, under an FSDP or DeepSpeed ZeRO-3 launch, what bitune cannot shard (before any model loads).
-
-    Raises:
-        ValueError: for full fine-tuning (``bitune.finetune: full``) under FSDP or ZeRO-3.
-    """
-    if config.finetune != "full":
-        return
-    for sharded, name in ((fsdp_requested(), "FSDP"), (zero3_enabled(), "DeepSpeed ZeRO-3")):
-        if sharded:
-            raise ValueError(
-                f"{name}: full fine-tuning (bitune.finetune: full) is not supported with {name} yet (its second "
-                "weight set is swapped into the sharded modules per pass); train it with DDP "
-                "(configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)"
-            )
-
-
 def enable_fsdp(accelerator, model: BituneModel) -> None:
     """Make ``accelerator`` shard ``model`` with FSDP2 as its launch config asked, on CPU too.
 
@@ -95,7 +79,6 @@ def enable_fsdp(accelerator, model: BituneModel) -> None:
     """
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    check_sharding_supports(model.bitune_config)
     state = accelerator.state
     if state.distributed_type == DistributedType.MULTI_CPU:  # accelerate's FSDP needs a GPU-like device
         state.distributed_type = DistributedType.FSDP
@@ -246,6 +229,21 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, _dtensor()) else tensor
 
 
+def _by_parameter_name(
+    model: BituneModel, name: str, weights: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The saved weights of the adapter (or full weight set) ``name`` by the model's `named_parameters`
+    names."""
+    if model.is_full:
+        if name == CAUSAL_ADAPTER:
+            return {f"full_model.{k}": v for k, v in weights.items()}
+        return {f"full_weights.{model.full_weights.parameter_name(k)}": v for k, v in weights.items()}
+    prefix = PEFT_TYPE_TO_PREFIX_MAPPING[model.peft_model.peft_config[name].peft_type]
+    return {
+        f"peft_model.{k}": v for k, v in _insert_adapter_name_into_state_dict(weights, name, prefix).items()
+    }
+
+
 def load_trained_weights(model: BituneModel, directory: str | Path) -> None:
     """Load the adapters and thetas saved in ``directory`` into ``model``, into its shards if it is sharded
     or partitioned (then collective).
@@ -268,9 +266,7 @@ def load_trained_weights(model: BituneModel, directory: str | Path) -> None:
     adapters, thetas = read_trained_weights(directory, meta)
     saved = {f"mixing.{k}": v for k, v in (thetas or {}).items()}
     for name, weights in adapters.items():
-        prefix = PEFT_TYPE_TO_PREFIX_MAPPING[model.peft_model.peft_config[name].peft_type]
-        for key, value in _insert_adapter_name_into_state_dict(weights, name, prefix).items():
-            saved[f"peft_model.{key}"] = value
+        saved.update(_by_parameter_name(model, name, weights))
     DTensor = _dtensor()
     with torch.no_grad():
         for name, param in model.named_parameters():

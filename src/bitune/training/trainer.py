@@ -212,7 +212,6 @@ def train(config: RunConfig, resume: bool = False, allow_changes: tuple[str, ...
         callbacks.TrainingDiverged: at the first update whose gradient or weights are not finite.
     """
     compat.check_trainer()
-    sharding.check_sharding_supports(config.bitune_config())  # FSDP: known from the launch
     output_dir = Path(config.training.output_dir)
     if not resume and holds_run(output_dir):  # before the lock too: never hold it only to refuse
         raise FileExistsError(
@@ -258,7 +257,6 @@ def _build_trainer(config: RunConfig) -> BituneTrainer:
     """Load the model and data and wire the Trainer (nothing is written to the run directory)."""
     output_dir = Path(config.training.output_dir)
     args = training_arguments(config)  # transformers' own checks, before anything loads
-    sharding.check_sharding_supports(config.bitune_config())  # ZeRO-3: known once the arguments exist
     set_seed(config.training.seed)  # adapters' initialisation
     model, tokenizer = load_model(
         config.model.name,
