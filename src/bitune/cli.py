@@ -26,10 +26,12 @@ from .errors import INPUT_ERRORS
 
 def _train(args: argparse.Namespace) -> None:
     from .training.run_config import load_run_config
+    from .training.sharding import leave_process_group
     from .training.trainer import train
 
     config = load_run_config(args.config, args.overrides)
     print(f"trained model in {train(config, resume=args.resume, allow_changes=args.allow_change)}")
+    leave_process_group()  # launched: every process done, then the group ends before the interpreter does
 
 
 def _compare(args: argparse.Namespace) -> None:

@@ -236,3 +236,18 @@ def test_the_shipped_deepspeed_configs_take_batch_accumulation_and_clipping_from
         # unset here, DeepSpeed's "auto": the Trainer fills them in from the run config (a number that
         # differs from the run config's stops the launch)
         assert not {"gradient_accumulation_steps", "gradient_clipping"} & set(config["deepspeed_config"])
+
+
+def test_leaving_the_process_group_ends_it_and_does_nothing_without_one(tmp_path):
+    # `bitune train` ends its launched process this way: a gloo group left alive at exit can abort the
+    # process in its destructor after the run has finished
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        sharding.leave_process_group()
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    sharding.leave_process_group()  # one process: nothing to end
+    assert not torch.distributed.is_initialized()

@@ -222,6 +222,17 @@ def all_processes_agree(flag: bool) -> bool:
     return bool(value.item())
 
 
+def leave_process_group() -> None:
+    """End a launched process's part in the run: wait for every process, then destroy the process group.
+
+    A process that exits with its gloo group alive can abort in the group's destructor ("terminate called
+    without an active exception") after the run has finished, failing the whole launch. Does nothing in one
+    process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's part of ``tensor`` (the tensor itself unless it is a shard or a ZeRO-3 partition)."""
     if hasattr(tensor, "ds_tensor"):
