@@ -50,7 +50,9 @@ def load(target: str) -> LoadedModel:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("targets", nargs="+")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--output", type=Path)
