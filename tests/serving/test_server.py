@@ -364,3 +364,24 @@ def test_sigterm_cancels_what_the_drain_timeout_cannot_wait_for(run_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_serve_loads_the_model_in_a_thread_that_ends_before_serving(monkeypatch):
+    """The engine thread must be the only one that ran parallel torch work (see `in_passing_thread`)."""
+    import threading
+
+    import bitune.inference
+    from bitune.serving import serve
+
+    seen = []
+
+    def load(target, dtype):
+        seen.append(threading.current_thread())
+        raise ValueError(f"no model {target}")
+
+    monkeypatch.setattr(bitune.inference, "load_for_inference", load)
+    with pytest.raises(ValueError, match="no model missing-run"):  # its error still reaches the caller
+        serve("missing-run")
+    assert len(seen) == 1
+    assert seen[0] is not threading.main_thread()
+    assert not seen[0].is_alive()
