@@ -270,7 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=8000)
     server.add_argument("--api-key", default=None, help="bearer token clients must send (or BITUNE_API_KEY)")
     server.add_argument("--max-batch-size", type=_positive, default=8, help="requests decoded together")
-    server.add_argument("--max-wait-ms", type=float, default=20.0, help="how long a batch waits to fill")
+    server.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=0.0,
+        help="how long an idle engine waits for more requests to prefill with the first (default 0: later ones join the running batch)",
+    )
     server.add_argument("--model-name", default=None, help="the model id clients use (default: TARGET)")
     server.add_argument(
         "--drain-timeout",

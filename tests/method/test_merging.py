@@ -14,6 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from bitune import BituneConfig, get_bitune_model
 from bitune.method.merging import merge_problem, without_tuners
 from bitune.method.model import BituneModel
+from bitune.method.prompt_passes import SMALL_PREFILL_TOKENS
 
 from conftest import LENGTHS, PROMPTS, bitune_pair, make_batch, model_inputs, tiny_model
 
@@ -113,3 +114,30 @@ def test_in_bf16_the_merged_model_decodes_as_its_own_generate():
         tokens.append(int(current))
         mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
     assert output[0, 7:].tolist() == tokens
+
+
+def test_a_merged_model_stacks_its_small_prefills_into_one_forward_with_the_same_cache(monkeypatch):
+    model, _ = bitune_pair("llama")
+    moved_thetas(model)
+    merged = merged_copy(model.eval())
+    assert not model.prompt_passes.stacks_small and merged.prompt_passes.stacks_small
+    forwards = []
+    original = type(merged.prompt_passes)._forward
+    monkeypatch.setattr(
+        type(merged.prompt_passes),
+        "_forward",
+        lambda self, ids, *rest: forwards.append(len(ids)) or original(self, ids, *rest),
+    )
+    limit = SMALL_PREFILL_TOKENS
+    for rows, width, stacked in [(2, 9, True), (2, limit // 2 + 1, True), (3, limit // 2, False)]:
+        ids = torch.randint(3, 60, (rows, width), generator=torch.Generator().manual_seed(width))
+        forwards.clear()
+        with torch.no_grad():
+            ours = merged.prefill(ids)
+        # prompt tokens are every column but the last: stacked while rows * (width - 1) <= the limit
+        assert forwards == ([2 * rows] if stacked else [rows, rows])
+        with torch.no_grad():
+            theirs = model.prefill(ids)
+        for a, b in zip(theirs.layers, ours.layers, strict=True):
+            torch.testing.assert_close(b.keys, a.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(b.values, a.values, atol=1e-5, rtol=1e-5)

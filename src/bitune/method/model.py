@@ -412,6 +412,7 @@ class BituneModel(nn.Module):
         else:
             merge_for_inference(self.adapters)
             object.__setattr__(self, "_plain", without_tuners(self.base_model).eval())
+            self.prompt_passes = self._prompt_passes(self.prompt_passes.options)  # may stack now
         for param in self.parameters():
             param.requires_grad_(False)
         self.eval()

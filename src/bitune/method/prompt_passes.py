@@ -5,7 +5,11 @@ bidirectional one with the bidirectional adapter, whose caches are mixed per lay
 passes run one after the other, or as one forward over the batch stacked twice, each row with its own mask
 kind (masks.py) and adapter (adapters.py); both give the same cache. Whether they stack is decided once,
 when a `PromptPasses` is made, from its `PromptPassOptions` and what the probes found (probes.py):
-``stack="always"`` either works or raises there, for masks and adapters alike.
+``stack="always"`` either works or raises there, for masks and adapters alike. A model merged for inference
+(merging.py) routes only its bidirectional adapter per row, and ``stack="auto"`` stacks its small prefills
+there: up to `SMALL_PREFILL_TOKENS` prompt tokens in all, where one forward's fixed cost outweighs the
+second copy's work (on 2 CPU cores, SmolLM2-135M, 40-token prompts: 139 against 173 ms for one prompt, even
+at four, 1.28x slower at sixteen).
 
 With ``recompute`` each forward is checkpointed as a whole (torch's non-reentrant activation checkpointing):
 only its cache is kept, and backward recomputes the pass's activations just before it needs them. Hugging
@@ -30,6 +34,8 @@ from .config import PromptPass, PromptPassOptions
 from .masks import explicit_mask, prompt_pass_kwargs
 from .mixing import KVMixing
 from .probes import BaseModelSupport
+
+SMALL_PREFILL_TOKENS = 128  # a merged model stacks prefills of at most this many prompt tokens (see above)
 
 
 class PromptPasses:
@@ -64,11 +70,12 @@ class PromptPasses:
         self.mixing = mixing
         self.support = support
         self.options = options
-        self.stacked = self._decide_stacking()
+        self.stacked, self.stacks_small = self._decide_stacking()
 
-    def _decide_stacking(self) -> bool:
+    def _decide_stacking(self) -> tuple[bool, bool]:
+        """Whether the passes always stack, and whether they stack small prefills (a merged model)."""
         if len(self.passes) < 2 or self.options.stack == "never":
-            return False
+            return False, False
         first, second = self.passes
         shared = first.adapter == second.adapter
         problems = []
@@ -83,8 +90,10 @@ class PromptPasses:
                     + "; ".join(problems)
                     + "; use 'auto' or 'never'"
                 )
-            return True
-        return shared and not problems
+            return True, True
+        if problems:
+            return False, False
+        return shared, getattr(self.adapters, "merged", False)
 
     def __call__(
         self,
@@ -106,7 +115,7 @@ class PromptPasses:
         outputs = [] if outputs is None else outputs
         if len(self.passes) == 1:
             return self._run(prompt_ids, prompt_mask, positions, [self.passes[0]], outputs)
-        if self.stacked:
+        if self.stacked or (self.stacks_small and prompt_ids.numel() <= SMALL_PREFILL_TOKENS):
             rows = [self.passes[0]] * len(prompt_ids) + [self.passes[1]] * len(prompt_ids)
             stacked = self._run(
                 torch.cat([prompt_ids, prompt_ids]),

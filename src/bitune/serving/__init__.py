@@ -26,7 +26,7 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     max_batch_size: int = 8,
-    max_wait_ms: float = 20.0,
+    max_wait_ms: float = 0.0,
     model_name: str | None = None,
     drain_timeout: float = 30.0,
     engine: str = "builtin",
@@ -94,8 +94,9 @@ def in_passing_thread(function, *args, **kwargs):
     The server loads its model this way so that the engine's worker thread is the only one in the process
     that ever ran a parallel torch operation. On CPU each such thread keeps its own OpenMP team for life, and
     once a process has more OpenMP threads than cores, GNU OpenMP stops spin-waiting between parallel
-    regions: a decoding step in the worker thread then took 68 ms instead of 47 ms on 2 cores (SmolLM2-135M)
-    when the main thread had loaded the model. A thread that ends takes its team with it.
+    regions: a decoding step in the worker thread then took 68 ms instead of 44 ms on 2 cores (SmolLM2-135M,
+    benchmarks/engine_thread.py) when the main thread had loaded the model. A thread that ends takes its team
+    with it.
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitune-load") as pool:
         return pool.submit(function, *args, **kwargs).result()

@@ -45,7 +45,7 @@ def create_app(
     model_name: str,
     api_key: str | None = None,
     max_batch_size: int = 8,
-    max_wait_ms: float = 20.0,
+    max_wait_ms: float = 0.0,
     engine: Engine | None = None,
 ) -> FastAPI:
     """The FastAPI application serving ``loaded`` under ``model_name`` (see the module docstring), decoded

@@ -1,7 +1,7 @@
 """The batching engine behind ``bitune serve``: continuous batching of Bitune requests.
 
-One worker thread owns the model. It waits for a request, then up to ``max_wait_ms`` for more (up to
-``max_batch_size``), prefills them with `BituneModel.prefill` (both prompt passes, batched, mixed) and
+One worker thread owns the model. It waits for a request, takes what else is queued (waiting up to
+``max_wait_ms`` for more, default 0; up to ``max_batch_size``), prefills them with `BituneModel.prefill` (both prompt passes, batched, mixed) and
 decodes them step by step from the mixed cache with the causal adapter, exactly as `BituneModel.generate`
 does (same positions, same masks, greedy = argmax of the fp32 logits). Each step:
 
@@ -270,7 +270,7 @@ class Engine:
 class BatchingEngine(Engine):
     """See the module docstring."""
 
-    def __init__(self, loaded: LoadedModel, max_batch_size: int = 8, max_wait_ms: float = 20.0) -> None:
+    def __init__(self, loaded: LoadedModel, max_batch_size: int = 8, max_wait_ms: float = 0.0) -> None:
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         super().__init__(loaded, max_batch_size)
