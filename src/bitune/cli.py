@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-wait-ms",
         type=float,
         default=0.0,
-        help="how long an idle engine waits for more requests to prefill with the first (default 0: later ones join the running batch)",
+        help="how long an idle engine waits for more requests to prefill with the first "
+        "(default 0: later ones join the running batch)",
     )
     server.add_argument("--model-name", default=None, help="the model id clients use (default: TARGET)")
     server.add_argument(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -368,8 +369,6 @@ def test_sigterm_cancels_what_the_drain_timeout_cannot_wait_for(run_dir):
 
 def test_serve_loads_the_model_in_a_thread_that_ends_before_serving(monkeypatch):
     """The engine thread must be the only one that ran parallel torch work (see `in_passing_thread`)."""
-    import threading
-
     import bitune.inference
     from bitune.serving import serve
 

@@ -93,7 +93,7 @@ class PromptPasses:
             return True, True
         if problems:
             return False, False
-        return shared, getattr(self.adapters, "merged", False)
+        return shared, self.adapters.merged
 
     def __call__(
         self,

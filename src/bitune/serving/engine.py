@@ -1,8 +1,8 @@
 """The batching engine behind ``bitune serve``: continuous batching of Bitune requests.
 
 One worker thread owns the model. It waits for a request, takes what else is queued (waiting up to
-``max_wait_ms`` for more, default 0; up to ``max_batch_size``), prefills them with `BituneModel.prefill` (both prompt passes, batched, mixed) and
-decodes them step by step from the mixed cache with the causal adapter, exactly as `BituneModel.generate`
+``max_wait_ms`` for more, default 0; up to ``max_batch_size``), prefills them with `BituneModel.prefill`
+(both prompt passes, batched, mixed) and decodes them step by step from the mixed cache with the causal adapter, exactly as `BituneModel.generate`
 does (same positions, same masks, greedy = argmax of the fp32 logits). Each step:
 
 - every row gets its next token: greedy, or sampled with its request's temperature and top-p (transformers'
