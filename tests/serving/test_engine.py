@@ -143,3 +143,26 @@ def test_requests_that_join_a_decoding_batch_answer_as_served_alone(loaded):
     assert together == alone
     messages = [{"role": "user", "content": "hi"}]
     assert alone["short"] == generate_text(loaded, messages, max_new_tokens=12)
+
+
+@torch.no_grad()
+def test_a_batch_drops_the_cache_columns_that_no_row_reads_and_decodes_on_alike(loaded):
+    """When the row with the longest prompt leaves, the padding it made the others carry goes with it: the
+    cache is as wide as the remaining row's own tokens and that row's next logits are unchanged."""
+    tokenizer = loaded.tokenizer
+    long = tokenizer("the quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
+    short = tokenizer("hi", add_special_tokens=False)["input_ids"]
+    engine = BatchingEngine(loaded, max_batch_size=4)
+    batch = engine._prefill([GenerationRequest(list(long), 4), GenerationRequest(list(short), 4)])
+    alone = engine._prefill([GenerationRequest(list(short), 4)])
+    model = loaded.model
+    for b in (batch, alone):
+        b.logits = model.decode(b.cache, b.current, b.mask, b.positions)[:, -1]
+    token = int(alone.logits[0].argmax())
+    batch.step([0, token], [True, False])
+    alone.step([token], [False])
+    assert batch.cache.get_seq_length() == alone.cache.get_seq_length() == len(short)
+    assert batch.mask.tolist() == alone.mask.tolist() == [[1] * (len(short) + 1)]
+    after = model.decode(batch.cache, batch.current, batch.mask, batch.positions)[:, -1]
+    expected = model.decode(alone.cache, alone.current, alone.mask, alone.positions)[:, -1]
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)

@@ -11,7 +11,8 @@ does (same positions, same masks, greedy = argmax of the fp32 logits). Each step
 - new text reaches each request's ``on_text`` at once (held back only while it may be the start of a stop
   string);
 - a row that ends (EOS or end-of-turn, a stop string, ``max_tokens``, or its client went away) is answered
-  at once and leaves the batch: its cache rows are dropped, so the others decode on without it;
+  at once and leaves the batch: its cache rows are dropped, and so are the leading cache columns that only
+  it read (its longer prompt's padding of the others), so the others decode on without it;
 - requests that arrived meanwhile join the running batch while it has room: they are prefilled together
   and their mixed caches are merged into the running one (the shorter side left-padded with masked
   columns, each row keeping its own positions), so nobody waits for a batch to finish. Caches that cannot
@@ -116,6 +117,16 @@ class _Batch:
         self.current = torch.tensor(chosen, device=self.mask.device, dtype=torch.long)[:, None]
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         self.positions = self.positions + 1
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop the leading cache columns that every row masks (the padding of rows that left or of a longer
+        prompt that joined and ended), so that each step's cache grows from the live rows' width only."""
+        lead = int(self.mask.any(dim=0).int().argmax())
+        if lead and self.can_merge():  # plain layers only: a sliding-window layer counts its columns
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+            self.mask = self.mask[:, lead:]
 
     def can_merge(self) -> bool:
         """Whether the cache is made of plain full-attention layers that all hold keys (so it can be padded)."""
