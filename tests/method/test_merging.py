@@ -141,3 +141,52 @@ def test_a_merged_model_stacks_its_small_prefills_into_one_forward_with_the_same
         for a, b in zip(theirs.layers, ours.layers, strict=True):
             torch.testing.assert_close(b.keys, a.keys, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(b.values, a.values, atol=1e-5, rtol=1e-5)
+
+
+JOINS = {"mistral": False, "gemma3_text": False, "gemma2": False}  # sliding-window caches, eager attention
+
+
+@torch.no_grad()
+def joined_step_agrees(model: BituneModel) -> None:
+    """`decode_joining` gives `decode`'s logits for a decoding batch and `prefill_tokens`'s cache for the
+    newcomers: their next logits from it equal those from a separate prefill."""
+    batch = model.prefill_tokens([[5, 9, 3, 7, 2, 8], [4, 6]])
+    newcomers = [[11, 12, 13, 14, 15], [16, 17, 18]]
+    step = (batch.input_ids[:, -1:], batch.attention_mask, batch.positions)
+    apart_cache, apart_new = copy.deepcopy(batch.cache), model.prefill_tokens(newcomers)
+    expected = model.decode(apart_cache, *step)
+    logits, joined = model.decode_joining(batch.cache, *step, newcomers)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    after_joined, after_apart = (
+        model.decode(p.cache, p.input_ids[:, -1:], p.attention_mask, p.positions) for p in (joined, apart_new)
+    )
+    torch.testing.assert_close(after_joined, after_apart, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(  # the decoding batch's cache grew by the step as with decode
+        model.decode(batch.cache, *_next(step)), model.decode(apart_cache, *_next(step)), atol=1e-5, rtol=1e-5
+    )
+
+
+def _next(step):
+    current, mask, positions = step
+    return current, torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1), positions + 1
+
+
+def test_a_merged_model_prefills_newcomers_inside_a_decoding_step_where_its_check_passes(arch):
+    model, _ = bitune_pair(arch)
+    moved_thetas(model)
+    assert not model.eval().can_join([[1, 2, 3]])  # unmerged: never
+    merged = merged_copy(model)
+    assert merged.can_join([[1, 2, 3]]) == JOINS.get(arch, True)
+    assert not merged.can_join([[1]] * 2)  # nothing to prefill
+    assert not merged.can_join([list(range(SMALL_PREFILL_TOKENS + 2))])  # a large prefill: two forwards
+    if merged.can_join([[1, 2, 3]]):
+        joined_step_agrees(merged)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_prefills_inside_a_decoding_step_as_apart(variant):
+    model, _ = bitune_pair("llama", variant=variant)
+    moved_thetas(model)
+    merged = merged_copy(model.eval())
+    assert merged.can_join([[1, 2, 3]])
+    joined_step_agrees(merged)

@@ -92,8 +92,9 @@ def test_a_failing_batch_fails_its_requests_and_the_engine_keeps_serving(engine,
 
 
 def test_requests_that_join_a_decoding_batch_answer_as_served_alone(loaded):
-    """Continuous batching: requests arriving mid-decode are prefilled and merged into the running batch
-    (caches of other lengths, one of them empty: a one-token prompt) and still decode exactly as alone."""
+    """Continuous batching: requests arriving mid-decode are prefilled (inside a decoding step of the running
+    batch: a merged model) and merged into it (caches of other lengths, one of them empty: a one-token prompt),
+    and still decode exactly as alone."""
     tokenizer = loaded.tokenizer
     prompts = {
         "long": prompt_ids(loaded, [{"role": "user", "content": "the quick brown fox jumps"}]),
@@ -135,9 +136,10 @@ def test_requests_that_join_a_decoding_batch_answer_as_served_alone(loaded):
 
     try:
         alone = {name: run([name], False)[name] for name in prompts}
-        before = (engine.joined, len(engine.batch_sizes))
+        before = (engine.joined, len(engine.batch_sizes), engine.prefilled_while_decoding)
         together = run(["long", "short", "one token"], True)
         assert (engine.joined - before[0], len(engine.batch_sizes) - before[1]) == (2, 1)
+        assert engine.prefilled_while_decoding - before[2] == 2  # in the decoding step's forward
     finally:
         engine.stop()
     assert together == alone

@@ -145,18 +145,29 @@ class AdapterSwitch:
         Raises:
             ValueError: if an adapter is not plain LoRA (`can_route_rows`).
         """
+        with self._routed({name: torch.tensor([n == name for n in names]) for name in names}):
+            yield
+
+    @contextmanager
+    def per_token(self, names: list[str]) -> Iterator[None]:
+        """`per_row` for a batch of one row: inside the block, token t runs with adapter ``names[t]``."""
+        with self._routed({name: torch.tensor([[n == name for n in names]]) for name in names}):
+            yield
+
+    @contextmanager
+    def _routed(self, selected: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Inside the block, adapter ``name`` updates only the rows (or tokens) that ``selected[name]`` marks."""
         if not self.can_route_rows:
             raise ValueError(
                 "per-row adapters need plain LoRA layers (DoRA, IA3 and others cannot be routed)"
             )
-        unique = [name for name in dict.fromkeys(names) if self._active(name)]
-        rows = {name: torch.tensor([n == name for n in names]) for name in unique}
+        unique = [name for name in selected if self._active(name)]
 
         def masked(name: str):
             def hook(module, args):
-                x = args[0]
-                mask = rows[name].to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
-                return (x * mask, *args[1:])
+                x, chosen = args[0], selected[name]
+                mask = chosen.to(device=x.device, dtype=x.dtype)
+                return (x * mask.view(*mask.shape, *([1] * (x.dim() - mask.dim()))), *args[1:])
 
             return hook
 

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 from peft import PeftConfig, PeftModel
 from torch import nn
-from transformers import Cache, PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from .adapters import (
@@ -52,6 +52,7 @@ from .batching import (
 )
 from .config import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig
 from .generation import generate_from_prefill
+from .joining import JoinedCache, joining_agrees, running_joined
 from .loss import answer_loss, linear_cross_entropy
 from .merging import merge_for_inference, merge_problem, without_tuners
 from .mixing import KVMixing
@@ -127,6 +128,7 @@ class BituneModel(nn.Module):
         object.__setattr__(
             self, "_plain", None
         )  # the merged plain model (merge_for_inference); not a submodule
+        object.__setattr__(self, "_joins", None)  # whether decode_joining is exact here (can_join checks)
 
     def _prompt_passes(self, options) -> PromptPasses:
         decoder = self.base_model.get_decoder()
@@ -323,6 +325,58 @@ class BituneModel(nn.Module):
             return self._plain(**inputs, past_key_values=cache, use_cache=True).logits
         with self.adapters.use(CAUSAL_ADAPTER):
             return self.base_model(**inputs, past_key_values=cache, use_cache=True).logits
+
+    def can_join(self, prompts: Sequence[Sequence[int]]) -> bool:
+        """Whether `decode_joining` can prefill ``prompts`` inside a decoding step: a merged model, small
+        prompts (`PromptPasses.can_join`), and a base model on which the joined forward was checked once to
+        give the two forwards' results (`joining.py`)."""
+        tokens = len(prompts) * (max(len(p) for p in prompts) - 1) if prompts else 0
+        if not (self.is_merged and self.prompt_passes.can_join(tokens)):
+            return False
+        if self._joins is None:
+            object.__setattr__(self, "_joins", joining_agrees(self))
+        return self._joins
+
+    def decode_joining(
+        self,
+        cache: Cache,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        prompts: Sequence[Sequence[int]],
+    ) -> tuple[torch.Tensor, Prefilled]:
+        """`decode` for one step (T = 1) and `prefill_tokens` for ``prompts``, in one forward (`joining.py`;
+        check `can_join` first).
+
+        Returns:
+            ``decode``'s (B, 1, V) logits, and ``prefill_tokens``'s result for ``prompts``.
+        """
+        ids, mask = left_padded(prompts, device=self.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        rows_ids, rows_positions, rows_mask, adapters = self.prompt_passes.stacked_rows(
+            ids[:, :-1], mask[:, :-1], positions[:, :-1]
+        )
+        rows, width = rows_ids.shape
+        joined = JoinedCache(cache, rows, width, self.base_model.config)
+        joined.prompt_mask, joined.decode_mask = rows_mask, attention_mask.bool()[:, None, None, :]
+
+        def flat(prompt_part: torch.Tensor, decode_part: torch.Tensor) -> torch.Tensor:
+            """The prompt rows' tokens, then the decoding ones, as one (1, N) sequence."""
+            return torch.cat([prompt_part.reshape(-1), decode_part.reshape(-1)])[None]
+
+        tokens = [a for a in adapters for _ in range(width)] + [CAUSAL_ADAPTER] * len(input_ids)
+        with self.adapters.per_token(tokens), running_joined(self.base_model, joined):
+            logits = self.base_model(
+                input_ids=flat(rows_ids, input_ids),
+                position_ids=flat(rows_positions, position_ids),
+                attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=ids.device),  # unused
+                past_key_values=joined,
+                use_cache=True,
+                logits_to_keep=len(input_ids),
+            ).logits
+        prompt_cache = DynamicCache(config=self.base_model.config)
+        prompt_cache.layers = joined.layers
+        return logits[0][:, None], Prefilled(self.prompt_passes.mix_joined(prompt_cache, len(ids)), ids, mask)
 
     def _answer_hidden(self, answer: AnswerPass, cache: Cache) -> torch.Tensor:
         """The answer pass without the LM head: the decoder's last hidden states (B, Ta, H)."""

@@ -128,6 +128,30 @@ class PromptPasses:
         causal, second = (self._run(prompt_ids, prompt_mask, positions, [p], outputs) for p in self.passes)
         return self.mixing(causal, second)
 
+    def can_join(self, tokens: int) -> bool:
+        """Whether new prompts of ``tokens`` prompt tokens in all (without each one's last) can be prefilled
+        inside a decoding step (joining.py): a merged model's small prefill (both passes stacked, or its
+        one pass), when there is something to prefill."""
+        joins = self.stacks_small if len(self.passes) == 2 else self.adapters.merged
+        return joins and 0 < tokens <= SMALL_PREFILL_TOKENS
+
+    def stacked_rows(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | dict[str, torch.Tensor], list[str]]:
+        """Every pass's rows stacked as `__call__` stacks two passes: (passes * B, Tp) ids and positions,
+        each row's 4D attention mask (`explicit_mask`) and its adapter (`mix_joined` turns their cache into
+        the one to answer from)."""
+        rows = [p for p in self.passes for _ in range(len(prompt_ids))]
+        copies = len(self.passes)
+        mask = explicit_mask(
+            [p.mask for p in rows], prompt_mask.repeat(copies, 1), self.decoder.config, self.decoder.dtype
+        )
+        return prompt_ids.repeat(copies, 1), positions.repeat(copies, 1), mask, [p.adapter for p in rows]
+
+    def mix_joined(self, cache: DynamicCache, batch_size: int) -> DynamicCache:
+        """The cache to answer from, from the cache of `stacked_rows`' rows (mixed if there are two passes)."""
+        return self.mixing.mix_stacked(cache, batch_size) if len(self.passes) == 2 else cache
+
     def _run(
         self,
         ids: torch.Tensor,

@@ -286,6 +286,7 @@ class BatchingEngine(Engine):
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         super().__init__(loaded, max_batch_size)
         self.max_wait = max_wait_ms / 1000
+        self.prefilled_while_decoding = 0  # joining requests prefilled inside a decoding step (tests, logs)
 
     # ------------------------------------------------------------------------------------- the worker
     def _work(self) -> None:
@@ -309,22 +310,36 @@ class BatchingEngine(Engine):
         model = self.loaded.model
         batch = self._prefill(requests)
         while batch.rows:
-            logits = model.decode(batch.cache, batch.current, batch.mask, batch.positions)[:, -1].float()
+            joining, joined = self._joining(batch), None
+            step = (batch.cache, batch.current, batch.mask, batch.positions)
+            if joining and model.can_join([r.prompt_ids for r in joining]):
+                logits, prefilled = model.decode_joining(*step, [r.prompt_ids for r in joining])
+                joined = self._as_batch(joining, prefilled)
+            else:
+                logits = model.decode(*step)
+            logits = logits[:, -1].float()
             chosen = [self._next_token(row, logits[i : i + 1]) for i, row in enumerate(batch.rows)]
             for i, (row, token) in enumerate(zip(batch.rows, chosen, strict=True)):
                 if row.request.logprobs is not None:
                     row.logprobs.append(token_logprob(logits[i], token, row.request.logprobs))
             ended = [self._advance(row, token) for row, token in zip(batch.rows, chosen, strict=True)]
             batch.step(chosen, ended)
-            room = self.max_batch_size - len(batch.rows)
-            if room > 0 and not self.requests.empty() and batch.can_merge():
-                joining = self._live(self._take(room, wait=0.0))
-                if joining:
-                    batch.merge(self._prefill(joining))
-                    self.joined += len(joining)
+            if joining:
+                batch.merge(joined or self._prefill(joining))
+                self.joined += len(joining)
+                self.prefilled_while_decoding += len(joining) if joined else 0
+
+    def _joining(self, batch: _Batch) -> list[GenerationRequest]:
+        """The queued requests that join the running batch at this step (while it has room)."""
+        room = self.max_batch_size - len(batch.rows)
+        if room > 0 and not self.requests.empty() and batch.can_merge():
+            return self._live(self._take(room, wait=0.0))
+        return []
 
     def _prefill(self, requests: list[GenerationRequest]) -> _Batch:
-        prefilled = self.loaded.model.prefill_tokens([r.prompt_ids for r in requests])
+        return self._as_batch(requests, self.loaded.model.prefill_tokens([r.prompt_ids for r in requests]))
+
+    def _as_batch(self, requests: list[GenerationRequest], prefilled) -> _Batch:
         rows = [_Row(r) for r in requests]
         for row in rows:
             if row.request.prompt_logprobs:
