@@ -14,7 +14,8 @@ does (same positions, same masks, greedy = argmax of the fp32 logits). Each step
   at once and leaves the batch: its cache rows are dropped, and so are the leading cache columns that only
   it read (its longer prompt's padding of the others), so the others decode on without it;
 - requests that arrived meanwhile join the running batch while it has room: they are prefilled together
-  and their mixed caches are merged into the running one (the shorter side left-padded with masked
+  (inside the next decoding step's forward where the model allows, `BituneModel.can_join`: a merged model's
+  small prefill; after the step otherwise) and their mixed caches are merged into the running one (the shorter side left-padded with masked
   columns, each row keeping its own positions), so nobody waits for a batch to finish. Caches that cannot
   be merged this way (sliding-window or other non-plain cache layers) make new requests wait for the next
   batch instead.
