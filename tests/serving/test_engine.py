@@ -91,6 +91,32 @@ def test_a_failing_batch_fails_its_requests_and_the_engine_keeps_serving(engine,
     assert complete(engine, GenerationRequest(list(ids), max_tokens=4))[0].finish_reason in ("length", "stop")
 
 
+def test_requests_that_join_a_failing_batch_fail_with_it(engine, loaded, monkeypatch):
+    """A request taken into a running batch is answered (with the error) if that batch then fails."""
+    ids = prompt_ids(loaded, [{"role": "user", "content": "abc"}])
+    joining = GenerationRequest(list(ids), max_tokens=4)
+    joined = threading.Event()
+
+    def broken(*args, **kwargs):
+        joined.set()
+        raise RuntimeError("out of memory")
+
+    def submit_joining(text, logprobs):  # on the engine thread, while the first request decodes
+        if not joined.is_set():
+            engine.submit(joining)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loaded.model, "decode_joining", broken)
+        patch.setattr(loaded.model, "can_join", lambda prompts: True)
+        first = GenerationRequest(list(ids), max_tokens=8, on_text=submit_joining)
+        done: list[Completion] = []
+        finished = threading.Event()
+        joining.on_done = lambda completion: (done.append(completion), finished.set())
+        engine.submit(first)
+        assert finished.wait(60)
+    assert done[0].finish_reason == "error" and "out of memory" in done[0].text
+
+
 def test_requests_that_join_a_decoding_batch_answer_as_served_alone(loaded):
     """Continuous batching: requests arriving mid-decode are prefilled (inside a decoding step of the running
     batch: a merged model) and merged into it (caches of other lengths, one of them empty: a one-token prompt),

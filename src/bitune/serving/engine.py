@@ -288,6 +288,7 @@ class BatchingEngine(Engine):
         super().__init__(loaded, max_batch_size)
         self.max_wait = max_wait_ms / 1000
         self.prefilled_while_decoding = 0  # joining requests prefilled inside a decoding step (tests, logs)
+        self._running: list[GenerationRequest] = []  # the requests of the batch being run
 
     # ------------------------------------------------------------------------------------- the worker
     def _work(self) -> None:
@@ -298,10 +299,11 @@ class BatchingEngine(Engine):
             batch = [first, *self._take(self.max_batch_size - 1, wait=self.max_wait)]
             live = self._live(batch)
             if live:
+                self._running = list(live)  # and those that join it
                 try:
                     self._run(live)
                 except Exception as exc:  # a failed batch fails its requests, the server keeps serving
-                    for request in live:
+                    for request in self._running:
                         if not request.done:
                             self._finish(request, Completion(f"{type(exc).__name__}: {exc}", "error", 0))
 
@@ -312,6 +314,7 @@ class BatchingEngine(Engine):
         batch = self._prefill(requests)
         while batch.rows:
             joining, joined = self._joining(batch), None
+            self._running += joining
             step = (batch.cache, batch.current, batch.mask, batch.positions)
             if joining and model.can_join([r.prompt_ids for r in joining]):
                 logits, prefilled = model.decode_joining(*step, [r.prompt_ids for r in joining])
