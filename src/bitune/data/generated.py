@@ -8,7 +8,9 @@ gets only late.
 - ``find_twice``, the control: one pair among seven singletons; "Which item appears twice?". Here the second
   copy can mark itself causally (it has seen the first), so a causal read suffices.
 
-Both are multiple choice over the list's distinct items (five and eight choices). The rows are generated
+Both are multiple choice over the list's distinct items (five and eight choices). ``find_once_long`` and
+``find_twice_long`` are the same with 25 items (twelve pairs and a singleton: 13 choices; one pair among 23
+singletons: 24 choices), for a model that the nine-item lists leave at their ceiling. The rows are generated
 from fixed seeds by this module (2,000 train and 1,000 eval questions per task; a train question that is
 also an eval question is removed when the task is loaded), so every machine gets the same data.
 """
@@ -26,7 +28,14 @@ ITEMS = (
 )  # fmt: skip
 SIZES = {"train": 2000, "eval": 1000}
 SEEDS = {"train": 1, "eval": 2}
-QUESTIONS = {"find_once": "Which item appears only once?", "find_twice": "Which item appears twice?"}
+ONCE, TWICE = "Which item appears only once?", "Which item appears twice?"
+# task -> (question, number of distinct items): find_once lists all but one of them twice, find_twice one
+TASKS = {
+    "find_once": (ONCE, 5),
+    "find_twice": (TWICE, 8),
+    "find_once_long": (ONCE, 13),
+    "find_twice_long": (TWICE, 24),
+}
 
 
 def generate(task: str, split: str) -> Iterator[dict]:
@@ -35,22 +44,21 @@ def generate(task: str, split: str) -> Iterator[dict]:
     Raises:
         ValueError: for an unknown task or split.
     """
-    if task not in QUESTIONS or split not in SIZES:
+    if task not in TASKS or split not in SIZES:
         raise ValueError(
-            f"no generated data for {task!r}/{split!r}; tasks {sorted(QUESTIONS)}, splits {sorted(SIZES)}"
+            f"no generated data for {task!r}/{split!r}; tasks {sorted(TASKS)}, splits {sorted(SIZES)}"
         )
+    question, count = TASKS[task]
     generator = random.Random(f"{task}/{SEEDS[split]}")
     for _ in range(SIZES[split]):
-        if task == "find_once":  # four pairs and the singleton
-            distinct = generator.sample(ITEMS, 5)
-            answer, listed = distinct[0], [*distinct[1:], *distinct[1:], distinct[0]]
-        else:  # one pair among seven singletons
-            distinct = generator.sample(ITEMS, 8)
-            answer, listed = distinct[0], [*distinct, distinct[0]]
+        distinct = generator.sample(ITEMS, count)
+        answer = distinct[0]
+        # find_once: the others in pairs, the answer once; find_twice: the answer a pair among singletons
+        listed = [*distinct[1:], *distinct[1:], answer] if question == ONCE else [*distinct, answer]
         generator.shuffle(listed)
         choices = sorted(distinct)
         yield {
-            "question": f"{QUESTIONS[task]} {', '.join(listed)}",
+            "question": f"{question} {', '.join(listed)}",
             "choices": choices,
             "label": choices.index(answer),
         }

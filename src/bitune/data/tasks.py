@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..packages import require_package
+from .generated import TASKS as GENERATED_TASKS
 from .generated import generate
 from .normalize import (
     Example,
@@ -173,7 +174,7 @@ TASKS = {
                 None,
                 {"train": [("generated", f"{name}/train")], "eval": [("generated", f"{name}/eval")]},
             )
-            for name in ("find_once", "find_twice")
+            for name in GENERATED_TASKS
         ),
         Task(
             "ultrafeedback",
