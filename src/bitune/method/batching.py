@@ -212,6 +212,11 @@ def left_padded(
     return ids.to(device), mask.to(device)
 
 
+def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids of a padded batch: each real token's index among its row's real tokens (padding 0)."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
 def is_left_padded(attention_mask: torch.Tensor) -> bool:
     """Whether every row's last column is a real token (rows without padding count as left-padded)."""
     return bool(attention_mask[:, -1].bool().all())

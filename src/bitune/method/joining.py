@@ -11,7 +11,7 @@ each row's mask (causal or bidirectional, `masks.explicit_mask`). The bidirectio
 difference adapter of a merged model) is routed per token; the causal rows and the decoding tokens use the
 merged weights alone. Afterwards the prompt rows' caches are mixed as a stacked prefill's are.
 
-Only for a model merged for inference whose cache layers are all plain full-attention ones; `supports`
+Only for a model merged for inference whose cache layers are all plain full-attention ones; `joining_agrees`
 checks once, on a small example, that the joined forward gives the two forwards' logits and cache (a
 model whose attention does not go through transformers' attention interface, or adds to it, fails there
 and keeps the two forwards).

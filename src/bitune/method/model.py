@@ -46,6 +46,7 @@ from .batching import (
     AnswerPass,
     is_left_padded,
     left_padded,
+    padded_positions,
     prompt_lengths_from_labels,
     real_token_spans,
     split_prompt_answer,
@@ -352,7 +353,7 @@ class BituneModel(nn.Module):
             ``decode``'s (B, 1, V) logits, and ``prefill_tokens``'s result for ``prompts``.
         """
         ids, mask = left_padded(prompts, device=self.device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        positions = padded_positions(mask)
         rows_ids, rows_positions, rows_mask, adapters = self.prompt_passes.stacked_rows(
             ids[:, :-1], mask[:, :-1], positions[:, :-1]
         )
@@ -407,7 +408,7 @@ class BituneModel(nn.Module):
                 "prefill needs left-padded prompts (every row's last token in the last column) so the cache "
                 "lines up with input_ids for decoding; pad with bitune.left_pad(input_ids, attention_mask)"
             )
-        positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        positions = padded_positions(attention_mask)
         return self.prompt_passes(input_ids[:, :-1], attention_mask[:, :-1].long(), positions[:, :-1])
 
     def prefill_tokens(self, prompts: Sequence[Sequence[int]]) -> Prefilled:

@@ -2,8 +2,9 @@
 
 One worker thread owns the model. It waits for a request, takes what else is queued (waiting up to
 ``max_wait_ms`` for more, default 0; up to ``max_batch_size``), prefills them with `BituneModel.prefill`
-(both prompt passes, batched, mixed) and decodes them step by step from the mixed cache with the causal adapter, exactly as `BituneModel.generate`
-does (same positions, same masks, greedy = argmax of the fp32 logits). Each step:
+(both prompt passes, batched, mixed) and decodes them step by step from the mixed cache with the causal
+adapter, exactly as `BituneModel.generate` does (same positions, same masks, greedy = argmax of the fp32
+logits). Each step:
 
 - every row gets its next token: greedy, or sampled with its request's temperature and top-p (transformers'
   logits warpers) from its request's own generator (so a seeded request samples the same whatever else is
@@ -15,8 +16,9 @@ does (same positions, same masks, greedy = argmax of the fp32 logits). Each step
   it read (its longer prompt's padding of the others), so the others decode on without it;
 - requests that arrived meanwhile join the running batch while it has room: they are prefilled together
   (inside the next decoding step's forward where the model allows, `BituneModel.can_join`: a merged model's
-  small prefill; after the step otherwise) and their mixed caches are merged into the running one (the shorter side left-padded with masked
-  columns, each row keeping its own positions), so nobody waits for a batch to finish. Caches that cannot
+  small prefill; after the step otherwise) and their mixed caches are merged into the running one (the
+  shorter side left-padded with masked columns, each row keeping its own positions), so nobody waits for a
+  batch to finish. Caches that cannot
   be merged this way (sliding-window or other non-plain cache layers) make new requests wait for the next
   batch instead.
 """
@@ -316,8 +318,9 @@ class BatchingEngine(Engine):
             joining, joined = self._joining(batch), None
             self._running += joining
             step = (batch.cache, batch.current, batch.mask, batch.positions)
-            if joining and model.can_join([r.prompt_ids for r in joining]):
-                logits, prefilled = model.decode_joining(*step, [r.prompt_ids for r in joining])
+            prompts = [r.prompt_ids for r in joining]
+            if prompts and model.can_join(prompts):
+                logits, prefilled = model.decode_joining(*step, prompts)
                 joined = self._as_batch(joining, prefilled)
             else:
                 logits = model.decode(*step)
