@@ -7,7 +7,10 @@ plain servers of the same base model at the same concurrency.
 
 With ``--engine builtin`` (the default) the built-in engine is measured against `transformers serve
 --continuous-batching` (plain causal, no Bitune, paged attention); ``--plain-bitune`` adds the built-in
-engine serving the base model alone (the engine's cost without the second prompt pass). With ``--engine
+engine serving the base model alone (the engine's cost without the second prompt pass), and
+``--without-prefix-cache`` the run served with the engine's causal prefix cache off (the questions share
+their chat template's system turn, about 24 of their ~38 tokens; transformers serve shares prefixes in whole
+256-token pages, so none of these). With ``--engine
 vllm`` (in the environment of ``make setup-vllm``) `bitune serve --engine vllm` is measured against the
 built-in engine on the same run, against vLLM's own OpenAI server on the base model (no Bitune, no LoRA,
 prefix caching off as in bitune's), and against that server decoding with the run's causal adapter as a
@@ -26,8 +29,10 @@ adapters, mixing at its initial 50 %) saved to a temporary folder: it runs exact
 trained run (two prompt passes, mixing, causal decoding). Its answers differ from the base model's, and so
 do their lengths, which moves tokens/s; ``--same-answers`` zeroes its thetas, so that it answers as the base
 model does (the same tokens from every server) while still computing both prompt passes and the mix. The
-servers are started and stopped one after another by this script; request counts are bounded. Do not run it
-while other jobs use the CPU.
+servers are started and stopped one after another by this script, or with ``--together`` all started at
+once and loaded level by level in turns (``--rounds``, the best round of each kept; transformers serve then
+gets 10 % of the memory for its paged cache instead of 90 %), which spreads the machine's drift over every
+server alike; request counts are bounded. Do not run it while other jobs use the CPU.
 """
 
 from __future__ import annotations
@@ -193,21 +198,77 @@ def correctness(client: OpenAI, model: str, prompts: list[str], max_tokens: int)
     }
 
 
-def measure(name: str, command: list[str], model: str, work: Path, prompts: list[str], args, *,
-            check: bool = False, count=None) -> dict:  # fmt: skip
-    """Start one server (``command`` without its port), optionally check it (`correctness`), warm it up,
-    load it at every level, stop it."""
+def start(name: str, command: list[str], work: Path) -> Server:
+    """``command`` (without its port) started on a free port, logging to ``work/name.log``."""
     port = free_port()
     split = command.index("--") if "--" in command else len(command)  # the port before pass-through options
-    server = Server([*command[:split], "--port", str(port), *command[split:]], port, work / f"{name}.log")
+    return Server([*command[:split], "--port", str(port), *command[split:]], port, work / f"{name}.log")
+
+
+def client_of(server: Server) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=600)
+
+
+def engine_counters(server: Server) -> dict | None:
+    """bitune's engine counters from /health (the prefix cache's use), None for other servers."""
+    health = httpx.get(f"{server.url}/health", timeout=10).json()
+    return health.get("engine") if isinstance(health, dict) else None
+
+
+def measure(name: str, command: list[str], model: str, work: Path, prompts: list[str], args, *,
+            check: bool = False, count=None) -> dict:  # fmt: skip
+    """Start one server, optionally check it (`correctness`), warm it up, load it at every level, stop it."""
+    server = start(name, command, work)
     try:
-        client = OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=600)
+        client = client_of(server)
         report = {"correctness": correctness(client, model, prompts, args.max_tokens)} if check else {}
         load(client, model, prompts[:2], 1, 4)  # warm-up
         report["levels"] = level_rows(client, model, prompts, args, count)
+        if (counters := engine_counters(server)) is not None:
+            report["engine"] = counters
         return report
     finally:
         server.close()
+
+
+def measure_together(servers: list[tuple[str, list[str], str, dict]], work: Path, prompts: list[str], args):
+    """Every server started at once (each idle while another is loaded), checked and warmed up, then loaded
+    level by level, taking turns ``args.rounds`` times (each round in another order); each level keeps each
+    server's round with the most tokens/s. The machine's drift over the run reaches every server alike."""
+    running: dict[str, Server] = {}
+    try:
+        for name, command, _, _ in servers:
+            running[name] = start(name, command, work)
+        reports = {}
+        for name, _, model, options in servers:
+            client = client_of(running[name])
+            check = options.get("check", False)
+            reports[name] = (
+                {"correctness": correctness(client, model, prompts, args.max_tokens)} if check else {}
+            )
+            load(client, model, prompts[:2], 1, 4)  # warm-up
+            reports[name]["levels"] = []
+        names = [name for name, *_ in servers]
+        for clients in args.clients:
+            best: dict[str, dict] = {}
+            for turn in range(args.rounds):
+                for name, _, model, options in (
+                    servers[turn % len(servers) :] + servers[: turn % len(servers)]
+                ):
+                    row = load(client_of(running[name]), model, level_prompts(prompts, clients, args.requests_per_client),
+                               clients, args.max_tokens, options.get("count"))  # fmt: skip
+                    row = {k: v for k, v in row.items() if k != "results"}
+                    if name not in best or row["tokens_per_s"] > best[name]["tokens_per_s"]:
+                        best[name] = {**row, "rounds": args.rounds}
+            for name in names:
+                reports[name]["levels"].append(best[name])
+        for name in names:
+            if (counters := engine_counters(running[name])) is not None:
+                reports[name]["engine"] = counters
+        return reports
+    finally:
+        for server in running.values():
+            server.close()
 
 
 def bitune_serve(target: str, name: str, args, *extra: str) -> list[str]:
@@ -238,6 +299,11 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers serve / plain vLLM")
     parser.add_argument("--plain-bitune", action="store_true", help="also serve the base model with bitune")
     parser.add_argument(
+        "--without-prefix-cache",
+        action="store_true",
+        help="also serve the run with the built-in engine's causal prefix cache off (--prefix-cache-tokens 0)",
+    )
+    parser.add_argument(
         "--same-answers",
         action="store_true",
         help="the untrained run with thetas 0: the base model's answers (equal work for every server), "
@@ -248,8 +314,24 @@ def main() -> None:
         default="",
         help="vLLM engine options for both vLLM servers, as on vLLM's command line (e.g. '--enforce-eager')",
     )
+    parser.add_argument(
+        "--transformers-page-size",
+        type=int,
+        default=None,
+        help="also serve transformers serve with pages of this many tokens (--cb-block-size; its default 256 "
+        "shares no prefix of prompts this short), so that it shares prefixes too",
+    )
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="start every server at once and load them level by level in turns (--rounds times, the best "
+        "round kept), so that the machine's drift reaches all alike (the built-in engine only)",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="turns per level with --together")
     parser.add_argument("--output", default=None, help="write the measurements as JSON here")
     args = parser.parse_args()
+    if args.together and args.engine == "vllm":
+        parser.error("--together runs the built-in engine's comparison only (vLLM servers are large)")
 
     from bitune.references import packaged_model_path
 
@@ -260,6 +342,9 @@ def main() -> None:
         "target": args.target or "untrained Bitune run of smollm2-135m-instruct",
         "note": f"threads: torch default, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
         "engine": args.engine,
+        "layout": f"every server at once, in turns, best of {args.rounds} rounds per level"
+        if args.together
+        else "one server after another",
     }
     prompts = questions(64)
     builtin = bitune_serve(target, "bitune", args, "--max-wait-ms", str(args.max_wait_ms))
@@ -284,6 +369,8 @@ def main() -> None:
                 servers.append(("plain_vllm_lora", [*plain, *lora], "causal", {}))
     else:
         servers.append(("bitune", builtin, "bitune", {"check": True}))
+        if args.without_prefix_cache:
+            servers.append(("bitune_no_prefix_cache", [*builtin, "--prefix-cache-tokens", "0"], "bitune", {}))
         if args.plain_bitune:
             plain = bitune_serve(
                 "smollm2-135m-instruct", "plain", args, "--max-wait-ms", str(args.max_wait_ms)
@@ -298,34 +385,55 @@ def main() -> None:
                 return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
             hf = [str(BIN / "transformers"), "serve", base, "--continuous-batching"]
+            if args.together:  # on CPU its paged cache takes 90 % of the machine's memory: 10 % for each
+                hf += ["--cb-max-memory-percent", "0.1"]
             servers.append(("transformers_serve", hf, base, {"count": count}))
-    for name, command, model, options in servers:
-        result = measure(name, command, model, work, prompts, args, **options)
-        report[name] = result["levels"]
-        if "correctness" in result:
-            report[f"{name}_correctness"] = result["correctness"]
-        if args.output:  # after every server: a later failure keeps what was measured
-            Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+            if args.transformers_page_size:
+                paged = [*hf, "--cb-block-size", str(args.transformers_page_size)]
+                servers.append(("transformers_serve_paged", paged, base, {"count": count}))
+    if args.together:
+        results = measure_together(servers, work, prompts, args)
+    else:
+        results = {}
+        for name, command, model, options in servers:
+            results[name] = measure(name, command, model, work, prompts, args, **options)
+            write(report, results, args.output)  # after every server: a later failure keeps what was measured
+    write(report, results, args.output)
     print_table(report)
+
+
+def write(report: dict, results: dict, output: str | None) -> None:
+    """Each server's results into ``report`` (and to ``output`` as JSON)."""
+    for name, result in results.items():
+        report[name] = result["levels"]
+        for key in ("correctness", "engine"):
+            if key in result:
+                report[f"{name}_{key}"] = result[key]
+    if output:
+        Path(output).write_text(json.dumps(report, indent=2) + "\n")
 
 
 SERVERS = {
     "bitune_vllm": "bitune --engine vllm",
     "bitune": "bitune (built-in engine)",
+    "bitune_no_prefix_cache": "bitune, no prefix cache",
     "bitune_plain_base": "bitune, base model",
     "transformers_serve": "transformers serve (continuous batching)",
+    "transformers_serve_paged": "transformers serve, small pages",
     "plain_vllm": "plain vLLM (base model)",
     "plain_vllm_lora": "plain vLLM + the run's causal LoRA",
 }
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{report['target']}; {report['note']}")
+    print(f"\n{report['target']}; {report['note']}; {report.get('layout', '')}")
     for name in SERVERS:
         if f"{name}_correctness" in report:
             c = report[f"{name}_correctness"]
             print(f"{SERVERS[name]}: {c['requests']} requests from {c['clients']} clients, "
                   f"{c['failed_or_malformed']} failed or malformed, {c['differ_from_alone']} differ from alone")  # fmt: skip
+        if f"{name}_engine" in report and "prefix_cache" in report[f"{name}_engine"]:
+            print(f"{SERVERS[name]}: causal prefix cache {report[f'{name}_engine']['prefix_cache']}")
     print("| clients | server | tokens/s | TTFT p50 [s] | latency p50 [s] | p95 [s] | tokens | requests |")
     print("|---|---|---|---|---|---|---|---|")
     for name, label in SERVERS.items():

@@ -52,6 +52,9 @@ ARCHITECTURES = {
     ),
 }
 ARCH_NAMES = list(ARCHITECTURES)
+VARIANTS = ["bitune", "naive_bidir", "no_mixing", "only_causal", "shared_weights", "lora"]
+# merged for inference, these prefill inside a decoding step (not: sliding-window caches, eager attention)
+JOINS = {"mistral": False, "gemma3_text": False, "gemma2": False}
 
 
 def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -128,6 +131,21 @@ def make_batch(lengths, prompt_lengths, side: str = "right", seed: int = 0, widt
         "labels": labels,
         "prompt_lengths": torch.tensor(prompt_lengths),
     }
+
+
+def moved_thetas(model) -> None:
+    """Mixing coefficients away from their initial value, different per layer (K and V)."""
+    if model.mixing is not None:
+        with torch.no_grad():
+            model.mixing.theta_k.copy_(torch.linspace(0.002, 0.05, model.mixing.num_layers))
+            model.mixing.theta_v.copy_(torch.linspace(0.04, 0.003, model.mixing.num_layers))
+
+
+def merged_copy(model):
+    """A copy of ``model`` merged for inference."""
+    merged = copy.deepcopy(model)
+    assert merged.merge_for_inference() and merged.is_merged
+    return merged
 
 
 def zero_thetas(model) -> None:

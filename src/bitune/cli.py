@@ -5,7 +5,7 @@ bitune compare CONFIG.yaml [key=value ...] [--report-only]
 bitune eval TARGET [--tasks ...] [--limit N] [--choices listed|cloze] [--metric acc|acc_norm] [--prompt-repeat N]
 bitune generate TARGET "prompt" | --messages FILE  [--max-new-tokens N --temperature T --top-p P --seed S]
 bitune chat TARGET [--system TEXT]
-bitune serve TARGET [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch-size N] [--max-wait-ms T] [--drain-timeout S]
+bitune serve TARGET [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch-size N] [--max-wait-ms T] [--prefix-cache-tokens N] [--drain-timeout S]
                     [--engine builtin|vllm] [--dtype float32] [-- VLLM_OPTIONS...]
 bitune push RUN_DIR REPO_ID [--private]
 
@@ -121,6 +121,7 @@ def _serve(args: argparse.Namespace) -> None:
         engine=args.engine,
         dtype=args.dtype,
         vllm_args=args.vllm_args,
+        prefix_cache_tokens=args.prefix_cache_tokens,
     )
 
 
@@ -145,14 +146,18 @@ def _temperature(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
+def _positive(text: str, least: int = 1) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
     return value
+
+
+def _non_negative(text: str) -> int:
+    return _positive(text, least=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="how long an idle engine waits for more requests to prefill with the first "
         "(default 0: later ones join the running batch)",
+    )
+    server.add_argument(
+        "--prefix-cache-tokens",
+        type=_non_negative,
+        default=None,
+        help="prompt tokens whose causal-pass keys and values the built-in engine keeps for the shared "
+        "prefixes (a system prompt) of later prompts; never the bidirectional pass (default 2048; 0: off)",
     )
     server.add_argument("--model-name", default=None, help="the model id clients use (default: TARGET)")
     server.add_argument(

@@ -16,22 +16,18 @@ from bitune.method.merging import merge_problem, without_tuners
 from bitune.method.model import BituneModel
 from bitune.method.prompt_passes import SMALL_PREFILL_TOKENS
 
-from conftest import LENGTHS, PROMPTS, bitune_pair, make_batch, model_inputs, tiny_model
-
-VARIANTS = ["bitune", "naive_bidir", "no_mixing", "only_causal", "shared_weights", "lora"]
-
-
-def moved_thetas(model) -> None:
-    if model.mixing is not None:
-        with torch.no_grad():
-            model.mixing.theta_k.copy_(torch.linspace(0.002, 0.05, model.mixing.num_layers))
-            model.mixing.theta_v.copy_(torch.linspace(0.04, 0.003, model.mixing.num_layers))
-
-
-def merged_copy(model: BituneModel) -> BituneModel:
-    merged = copy.deepcopy(model)
-    assert merged.merge_for_inference() and merged.is_merged
-    return merged
+from conftest import (
+    JOINS,
+    LENGTHS,
+    PROMPTS,
+    VARIANTS,
+    bitune_pair,
+    make_batch,
+    merged_copy,
+    model_inputs,
+    moved_thetas,
+    tiny_model,
+)
 
 
 def test_merged_answer_logits_and_greedy_generation_equal_the_unmerged_model(arch):
@@ -141,9 +137,6 @@ def test_a_merged_model_stacks_its_small_prefills_into_one_forward_with_the_same
         for a, b in zip(theirs.layers, ours.layers, strict=True):
             torch.testing.assert_close(b.keys, a.keys, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(b.values, a.values, atol=1e-5, rtol=1e-5)
-
-
-JOINS = {"mistral": False, "gemma3_text": False, "gemma2": False}  # sliding-window caches, eager attention
 
 
 @torch.no_grad()

@@ -25,8 +25,11 @@ def engine(loaded):
     engine.stop()
 
 
-def complete(engine: BatchingEngine, *requests: GenerationRequest) -> list[Completion]:
-    """Submit ``requests`` together and wait for every completion."""
+def complete(
+    engine: BatchingEngine, *requests: GenerationRequest, submit: int | None = None
+) -> list[Completion]:
+    """Submit ``requests`` together (only the first ``submit`` ones: the others are submitted by them) and wait
+    for every completion."""
     done: dict[int, Completion] = {}
     finished = threading.Event()
 
@@ -40,6 +43,7 @@ def complete(engine: BatchingEngine, *requests: GenerationRequest) -> list[Compl
 
     for index, request in enumerate(requests):
         request.on_done = recorder(index)
+    for request in requests[:submit]:
         engine.submit(request)
     assert finished.wait(60)
     return [done[i] for i in range(len(requests))]
@@ -86,6 +90,7 @@ def test_a_failing_batch_fails_its_requests_and_the_engine_keeps_serving(engine,
 
     with monkeypatch.context() as patch:
         patch.setattr(loaded.model, "prefill_tokens", broken)
+        patch.setattr(loaded.model, "prefill_joined", broken)
         (failed,) = complete(engine, GenerationRequest(list(ids), max_tokens=4))
     assert failed.finish_reason == "error" and "out of memory" in failed.text
     assert complete(engine, GenerationRequest(list(ids), max_tokens=4))[0].finish_reason in ("length", "stop")
@@ -171,6 +176,45 @@ def test_requests_that_join_a_decoding_batch_answer_as_served_alone(loaded):
     assert together == alone
     messages = [{"role": "user", "content": "hi"}]
     assert alone["short"] == generate_text(loaded, messages, max_new_tokens=12)
+
+
+def test_requests_sharing_a_system_prompt_reuse_its_causal_pass_and_answer_as_without(loaded):
+    """The engine's prefix cache: later requests that begin with an earlier one's system prompt (alone, and
+    joining a decoding batch) compute fewer causal-pass tokens and answer exactly as with the cache off."""
+    system = {"role": "system", "content": "Be brief."}
+    questions = ["abc", "two and two", "hi"]  # small prefills (joined forwards: `BituneModel.can_join`)
+    prompts = [prompt_ids(loaded, [system, {"role": "user", "content": q}]) for q in questions]
+
+    def answers(prefix_cache_tokens: int) -> tuple[list[str], BatchingEngine]:
+        engine = BatchingEngine(loaded, max_batch_size=4, prefix_cache_tokens=prefix_cache_tokens)
+        engine.start()
+        try:
+            (alone,) = complete(engine, GenerationRequest(list(prompts[0]), max_tokens=10))
+            joining = [GenerationRequest(list(p), max_tokens=10) for p in prompts[1:]]
+
+            def submit_joining(text, logprobs):  # on the engine thread, while the first request decodes
+                if not sent:
+                    sent.append(True)
+                    for request in joining:
+                        engine.submit(request)
+
+            sent: list[bool] = []
+            first = GenerationRequest(list(prompts[0]), max_tokens=10, on_text=submit_joining)
+            done = complete(engine, first, *joining, submit=1)
+            assert engine.prefilled_while_decoding == 2  # the two joined inside a decoding step
+        finally:
+            engine.stop()
+        return [c.text for c in (alone, *done)], engine
+
+    cached, engine = answers(2048)
+    # the first prompt again (all its causal columns but the last), then the joining ones: the longest one's
+    # row reuses the whole shared part ("<system>Be brief.|<user>")
+    shared = next(i for i, tokens in enumerate(zip(*prompts, strict=False)) if len(set(tokens)) > 1)
+    assert engine.prefixes.hits == engine.stats()["prefix_cache"]["hits"] == 2
+    assert engine.prefixes.tokens_reused >= len(prompts[0]) - 2 + shared
+    uncached, off = answers(0)
+    assert off.prefixes is None
+    assert cached == uncached
 
 
 @torch.no_grad()

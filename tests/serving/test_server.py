@@ -49,6 +49,8 @@ def test_models_health_and_a_greedy_chat_answer_equal_to_generate(served):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     response = chat(client, "abc")
+    health = httpx.get(f"{url}/health").json()["engine"]  # the engine's counters
+    assert sum(health["finished"].values()) >= 1 and "hits" in health["prefix_cache"]
     expected = generate_text(loaded, [{"role": "user", "content": "abc"}], max_new_tokens=8)
     assert response.choices[0].message.content == expected and response.choices[0].message.role == "assistant"
     ids = prompt_ids(loaded, [{"role": "user", "content": "abc"}])
@@ -384,3 +386,13 @@ def test_serve_loads_the_model_in_a_thread_that_ends_before_serving(monkeypatch)
     assert len(seen) == 1
     assert seen[0] is not threading.main_thread()
     assert not seen[0].is_alive()
+
+
+def test_bad_serve_options_are_refused_before_loading(tmp_path):
+    from bitune.serving import serve
+
+    missing = str(tmp_path / "no-such-run")  # never loaded: the options fail first
+    with pytest.raises(ValueError, match="prefix_cache_tokens >= 0"):
+        serve(missing, prefix_cache_tokens=-1)
+    with pytest.raises(ValueError, match="--prefix-cache-tokens sets the built-in engine"):
+        serve(missing, engine="vllm", prefix_cache_tokens=4096)

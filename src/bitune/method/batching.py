@@ -217,6 +217,14 @@ def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
+def pad_columns_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """``tensor`` zero-padded on the left of its sequence dimension to ``width``: the last of a 2D mask, -2 of
+    keys or values ((..., T, dim))."""
+    if tensor.dim() == 2:
+        return torch.nn.functional.pad(tensor, (width - tensor.shape[1], 0))
+    return torch.nn.functional.pad(tensor, (0, 0, width - tensor.shape[-2], 0))
+
+
 def is_left_padded(attention_mask: torch.Tensor) -> bool:
     """Whether every row's last column is a real token (rows without padding count as left-padded)."""
     return bool(attention_mask[:, -1].bool().all())

@@ -23,6 +23,7 @@ import copy
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,37 +31,82 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .prefixes import MIN_PREFIX_TOKENS, CausalPrefixes, PrefixMatch
+
 JOINED = "bitune_joined"  # the attention implementation a joined forward runs with
 _active = threading.local()  # the joined forward's cache, while it runs
 
 
-class JoinedCache(DynamicCache):
-    """The cache of a joined forward: its own layers hold the prompt rows' keys and values (``rows`` rows of
-    ``width`` tokens, the first ``rows * width`` tokens of the flattened sequence); the decoding tokens (the
-    rest, one per row of ``decoding``) are appended to ``decoding``."""
+@dataclass(frozen=True)
+class RowGroup:
+    """Prompt rows of a joined forward that compute their last ``queries`` columns of the rows' width; the
+    columns before (if any) are given by ``leading`` (a cached causal prefix, `prefixes.PrefixMatch`)."""
 
-    def __init__(self, decoding: DynamicCache, rows: int, width: int, config) -> None:
+    rows: int
+    queries: int
+    leading: PrefixMatch | None = None
+
+
+class JoinedCache(DynamicCache):
+    """The cache of a joined forward: its own layers hold the prompt rows' keys and values (``width``
+    columns each; the rows of ``groups`` in order, their tokens first in the flattened sequence, group by
+    group); the decoding tokens (the rest, one per row of ``decoding``, if any) are appended to
+    ``decoding``. ``prompt_mask`` is the prompt rows' (rows, 1, width, width) mask, ``decode_mask`` the
+    decoding rows' padding mask."""
+
+    def __init__(
+        self,
+        decoding: DynamicCache | None,
+        groups: list[RowGroup],
+        width: int,
+        config,
+        prompt_mask: torch.Tensor,
+        decode_mask: torch.Tensor | None,
+    ) -> None:
         super().__init__(config=config)
-        self.decoding, self.rows, self.width = decoding, rows, width
-        self.attend: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.decoding, self.groups, self.width = decoding, groups, width
+        self.prompt_mask, self.decode_mask = prompt_mask, decode_mask
+        self.prompt_tokens = sum(g.rows * g.queries for g in groups)
+        self.attend: dict[int, tuple[torch.Tensor | None, ...]] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        split = self.rows * self.width
-        (prompt_k, decode_k), (prompt_v, decode_v) = (
-            (self._prompt_rows(t[0, :, :split]), t[0, :, split:].transpose(0, 1)[:, :, None])
-            for t in (key_states, value_states)
-        )
+        prompt_k, prompt_v = self._prompt_rows(key_states, value_states, layer_idx)
         keys, values = self.layers[layer_idx].update(prompt_k, prompt_v)
-        cached_k, cached_v = self.decoding.layers[layer_idx].update(decode_k, decode_v)
+        cached_k = cached_v = None
+        if self.decoding is not None:
+            decode_k, decode_v = (
+                t[0, :, self.prompt_tokens :].transpose(0, 1)[:, :, None] for t in (key_states, value_states)
+            )
+            cached_k, cached_v = self.decoding.layers[layer_idx].update(decode_k, decode_v)
         self.attend[layer_idx] = (keys, values, cached_k, cached_v)
         return key_states, value_states
 
-    def _prompt_rows(self, flat: torch.Tensor) -> torch.Tensor:
-        """(heads, rows * width, dim) -> (rows, heads, width, dim)"""
-        return flat.reshape(flat.shape[0], self.rows, self.width, flat.shape[-1]).transpose(0, 1)
+    def _prompt_rows(
+        self, keys: torch.Tensor, values: torch.Tensor, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt rows' (rows, heads, width, dim) keys and values of ``layer``: each group's computed
+        columns, after its leading ones."""
+        parts = []
+        for group, k, v in zip(self.groups, self.split(keys), self.split(values), strict=True):
+            if group.leading is not None:
+                lead_k, lead_v = group.leading.leading(layer)
+                k, v = torch.cat([lead_k.to(k.dtype), k], dim=2), torch.cat([lead_v.to(v.dtype), v], dim=2)
+            parts.append((k, v))
+        return torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])
+
+    def split(self, states: torch.Tensor) -> list[torch.Tensor]:
+        """(1, heads, N, dim) flattened states -> each group's (rows, heads, queries, dim) prompt rows."""
+        parts, offset = [], 0
+        for group in self.groups:
+            flat = states[0, :, offset : offset + group.rows * group.queries]
+            parts.append(
+                flat.reshape(flat.shape[0], group.rows, group.queries, flat.shape[-1]).transpose(0, 1)
+            )
+            offset += group.rows * group.queries
+        return parts
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.decoding.get_seq_length(layer_idx)
+        return 0 if self.decoding is None else self.decoding.get_seq_length(layer_idx)
 
 
 def joined_attention(module: nn.Module, query: torch.Tensor, key, value, attention_mask, **kwargs):
@@ -69,15 +115,18 @@ def joined_attention(module: nn.Module, query: torch.Tensor, key, value, attenti
     if cache is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     keys, values, cached_k, cached_v = cache.attend[module.layer_idx]
-    heads, split = query.shape[1], cache.rows * cache.width
-    prompt_q = cache._prompt_rows(query[0, :, :split])  # (rows, heads, width, dim)
-    decode_q = query[0, :, split:].transpose(0, 1)[:, :, None]  # (batch, heads, 1, dim)
-    prompt_out, _ = sdpa_attention_forward(module, prompt_q, keys, values, cache.prompt_mask, **kwargs)
-    decode_out, _ = sdpa_attention_forward(module, decode_q, cached_k, cached_v, cache.decode_mask, **kwargs)
-    out = torch.cat(
-        [prompt_out.reshape(split, heads, -1), decode_out.reshape(-1, heads, decode_out.shape[-1])]
-    )
-    return out[None], None
+    heads, outputs, row = query.shape[1], [], 0
+    for group, group_q in zip(cache.groups, cache.split(query), strict=True):
+        rows = slice(row, row + group.rows)
+        mask = cache.prompt_mask[rows, :, -group.queries :]
+        out, _ = sdpa_attention_forward(module, group_q, keys[rows], values[rows], mask, **kwargs)
+        outputs.append(out.reshape(-1, heads, out.shape[-1]))
+        row += group.rows
+    if cache.decoding is not None:
+        decode_q = query[0, :, cache.prompt_tokens :].transpose(0, 1)[:, :, None]  # (batch, heads, 1, dim)
+        out, _ = sdpa_attention_forward(module, decode_q, cached_k, cached_v, cache.decode_mask, **kwargs)
+        outputs.append(out.reshape(-1, heads, out.shape[-1]))
+    return torch.cat(outputs)[None], None
 
 
 AttentionInterface.register(JOINED, joined_attention)
@@ -111,7 +160,8 @@ def all_plain_layers(cache: DynamicCache) -> bool:
 @torch.no_grad()
 def joining_agrees(model) -> bool:
     """Whether ``model`` (a merged `BituneModel`) gives, on a small seeded example, the same logits and
-    caches from `BituneModel.decode_joining` as from `decode` and `prefill_tokens` apart (fp32: 1e-4)."""
+    caches from `BituneModel.decode_joining` as from `decode` and `prefill_tokens` apart, and from
+    `BituneModel.prefill_joined` reusing a cached causal prefix as from `prefill_tokens` (fp32: 1e-4)."""
     if getattr(model.base_model.config, "_attn_implementation", None) != "sdpa":
         return False
     generator = torch.Generator().manual_seed(0)
@@ -126,8 +176,12 @@ def joining_agrees(model) -> bool:
     step = (batch.input_ids[:, -1:], batch.attention_mask, batch.positions)
     apart_cache = copy.deepcopy(batch.cache)
     apart = [model.decode(apart_cache, *step), model.prefill_tokens(newcomers).cache]
+    shared, prefixes = prompt(MIN_PREFIX_TOKENS + 1), CausalPrefixes()
+    reusing = [shared + prompt(3), shared + prompt(1)]  # reuse the causal keys and values of shared + 1
     try:
         logits, joined = model.decode_joining(batch.cache, *step, newcomers)
+        model.prefill_joined([shared + prompt(2)], prefixes)
+        reused, alone = model.prefill_joined(reusing, prefixes), model.prefill_tokens(reusing)
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError):  # attention it cannot run
         return False
     tolerance = 1e-4 if logits.dtype == torch.float32 else 3e-2
@@ -140,9 +194,15 @@ def joining_agrees(model) -> bool:
     caches = [
         (batch.cache, apart_cache, batch.attention_mask),
         (joined.cache, apart[1], joined.attention_mask[:, :-1]),
+        (reused.cache, alone.cache, reused.attention_mask[:, :-1]),
     ]
-    return torch.allclose(logits, apart[0], rtol=tolerance, atol=tolerance) and all(
-        close(mine.keys, theirs.keys, real) and close(mine.values, theirs.values, real)
-        for ours, expected, real in caches
-        for mine, theirs in zip(ours.layers, expected.layers, strict=True)
+    reuses = int(model.prompt_passes.caches_causal_prefix)
+    return (
+        prefixes.hits == reuses
+        and torch.allclose(logits, apart[0], rtol=tolerance, atol=tolerance)
+        and all(
+            close(mine.keys, theirs.keys, real) and close(mine.values, theirs.values, real)
+            for ours, expected, real in caches
+            for mine, theirs in zip(ours.layers, expected.layers, strict=True)
+        )
     )

@@ -53,10 +53,11 @@ from .batching import (
 )
 from .config import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig
 from .generation import generate_from_prefill
-from .joining import JoinedCache, joining_agrees, running_joined
+from .joining import JoinedCache, RowGroup, joining_agrees, running_joined
 from .loss import answer_loss, linear_cross_entropy
 from .merging import merge_for_inference, merge_problem, without_tuners
 from .mixing import KVMixing
+from .prefixes import CausalPrefixes
 from .probes import NO_CHECKPOINTING, BaseModelSupport, probe_base_model, uses_gradient_checkpointing
 from .prompt_passes import PromptPasses, anchored
 from .saving import (
@@ -345,39 +346,70 @@ class BituneModel(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         prompts: Sequence[Sequence[int]],
+        prefixes: CausalPrefixes | None = None,
     ) -> tuple[torch.Tensor, Prefilled]:
         """`decode` for one step (T = 1) and `prefill_tokens` for ``prompts``, in one forward (`joining.py`;
-        check `can_join` first).
+        check `can_join` first). With ``prefixes``, the causal pass reuses (and stores) the cached keys and
+        values of the prompts' shared prefixes (`prefixes.py`).
 
         Returns:
             ``decode``'s (B, 1, V) logits, and ``prefill_tokens``'s result for ``prompts``.
         """
+        return self._joined((cache, input_ids, attention_mask, position_ids), prompts, prefixes)
+
+    def prefill_joined(self, prompts: Sequence[Sequence[int]], prefixes: CausalPrefixes | None) -> Prefilled:
+        """`prefill_tokens` as a joined forward without decoding rows (check `can_join` first), so that the
+        causal pass can reuse and store ``prefixes``."""
+        return self._joined(None, prompts, prefixes)[1]
+
+    def _joined(
+        self, step, prompts, prefixes: CausalPrefixes | None
+    ) -> tuple[torch.Tensor | None, Prefilled]:
         ids, mask = left_padded(prompts, device=self.device)
         positions = padded_positions(mask)
         rows_ids, rows_positions, rows_mask, adapters = self.prompt_passes.stacked_rows(
             ids[:, :-1], mask[:, :-1], positions[:, :-1]
         )
         rows, width = rows_ids.shape
-        joined = JoinedCache(cache, rows, width, self.base_model.config)
-        joined.prompt_mask, joined.decode_mask = rows_mask, attention_mask.bool()[:, None, None, :]
+        cached = prefixes is not None and self.prompt_passes.caches_causal_prefix
+        match = prefixes.match(prompts, width) if cached else None
+        lead = match.width if match is not None else 0
+        groups = [RowGroup(len(ids), width - lead, match), RowGroup(rows - len(ids), width)]
+        groups = [g for g in groups if g.rows]
+        decoding, decode_mask = None, None
+        if step is not None:
+            decoding, decode_ids, decode_padding, decode_positions = step
+            decode_mask = decode_padding.bool()[:, None, None, :]
+        joined = JoinedCache(decoding, groups, width, self.base_model.config, rows_mask, decode_mask)
 
-        def flat(prompt_part: torch.Tensor, decode_part: torch.Tensor) -> torch.Tensor:
-            """The prompt rows' tokens, then the decoding ones, as one (1, N) sequence."""
-            return torch.cat([prompt_part.reshape(-1), decode_part.reshape(-1)])[None]
+        def flat(prompt_part: torch.Tensor, decode_part: torch.Tensor | None) -> torch.Tensor:
+            """Each group's computed columns, then the decoding tokens, as one (1, N) sequence."""
+            parts = [prompt_part[:, lead:][: len(ids)].reshape(-1), prompt_part[len(ids) :].reshape(-1)]
+            return torch.cat(parts + ([] if decode_part is None else [decode_part.reshape(-1)]))[None]
 
-        tokens = [a for a in adapters for _ in range(width)] + [CAUSAL_ADAPTER] * len(input_ids)
+        tokens = [a for g, a in zip(_group_of(groups), adapters, strict=True) for _ in range(g.queries)]
+        decoding_rows = 0 if step is None else len(decode_ids)
+        tokens += [CAUSAL_ADAPTER] * decoding_rows
+        inputs = dict(
+            input_ids=flat(rows_ids, None if step is None else decode_ids),
+            position_ids=flat(rows_positions, None if step is None else decode_positions),
+            attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=ids.device),  # unused
+            past_key_values=joined,
+            use_cache=True,
+        )
+        logits = None
         with self.adapters.per_token(tokens), running_joined(self.base_model, joined):
-            logits = self.base_model(
-                input_ids=flat(rows_ids, input_ids),
-                position_ids=flat(rows_positions, position_ids),
-                attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=ids.device),  # unused
-                past_key_values=joined,
-                use_cache=True,
-                logits_to_keep=len(input_ids),
-            ).logits
+            if step is None:
+                self.base_model.get_decoder()(**inputs)
+            else:
+                logits = self.base_model(**inputs, logits_to_keep=decoding_rows).logits[0][:, None]
+        if cached:
+            prefixes.add(
+                prompts, [(layer.keys[: len(ids)], layer.values[: len(ids)]) for layer in joined.layers]
+            )
         prompt_cache = DynamicCache(config=self.base_model.config)
         prompt_cache.layers = joined.layers
-        return logits[0][:, None], Prefilled(self.prompt_passes.mix_joined(prompt_cache, len(ids)), ids, mask)
+        return logits, Prefilled(self.prompt_passes.mix_joined(prompt_cache, len(ids)), ids, mask)
 
     def _answer_hidden(self, answer: AnswerPass, cache: Cache) -> torch.Tensor:
         """The answer pass without the LM head: the decoder's last hidden states (B, Ta, H)."""
@@ -624,3 +656,9 @@ def build_bitune_model(
             adapter_configs[BIDIR_ADAPTER] = with_excluded_modules(config.peft_config, support.kv_unreachable)
     peft_model = create_peft_model(model, adapter_configs)
     return BituneModel(peft_model, config, mixing, support)
+
+
+def _group_of(groups: list[RowGroup]) -> Iterator[RowGroup]:
+    """Each prompt row's group, row by row."""
+    for group in groups:
+        yield from [group] * group.rows

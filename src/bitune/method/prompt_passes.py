@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 from .adapters import AdapterSwitch
-from .config import PromptPass, PromptPassOptions
+from .config import CAUSAL_ADAPTER, PromptPass, PromptPassOptions
 from .masks import explicit_mask, prompt_pass_kwargs
 from .mixing import KVMixing
 from .probes import BaseModelSupport
@@ -134,6 +134,12 @@ class PromptPasses:
         one pass), when there is something to prefill."""
         joins = self.stacks_small if len(self.passes) == 2 else self.adapters.merged
         return joins and 0 < tokens <= SMALL_PREFILL_TOKENS
+
+    @property
+    def caches_causal_prefix(self) -> bool:
+        """Whether the first pass is the causal adapter's causal read, whose keys and values over a prompt's
+        prefix depend on that prefix alone (`prefixes.py`): its rows are the first of `stacked_rows`."""
+        return self.passes[0] == PromptPass(CAUSAL_ADAPTER, "causal")
 
     def stacked_rows(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor

@@ -32,6 +32,7 @@ def serve(
     engine: str = "builtin",
     dtype: str = "float32",
     vllm_args: list[str] | tuple[str, ...] = (),
+    prefix_cache_tokens: int | None = None,
 ) -> None:
     """Load ``target`` (a run directory, checkpoint, snapshot, hub run id or base model) and serve it.
 
@@ -43,6 +44,8 @@ def serve(
         engine: ``builtin`` (bitune's batching engine) or ``vllm`` (`bitune.serving.vllm_engine`).
         dtype: the weights' (and cache's) dtype.
         vllm_args: vLLM's own engine options, as on its command line (``--max-model-len 4096``).
+        prefix_cache_tokens: how many prompt tokens' causal keys and values the built-in engine keeps for
+            the shared prefixes of later prompts (`bitune.method.prefixes`; default 2048, 0: none).
 
     Raises:
         ValueError: for bad options, or a model or option that vLLM cannot serve exactly (before loading).
@@ -55,15 +58,21 @@ def serve(
     from ..inference import load_for_inference
     from .app import create_app
 
-    if max_batch_size < 1 or max_wait_ms < 0 or drain_timeout < 0:
+    if vllm_args and engine != "vllm":
+        raise ValueError(f"vLLM options {list(vllm_args)} need --engine vllm")
+    if prefix_cache_tokens is not None and engine == "vllm":
         raise ValueError(
-            f"max_batch_size must be >= 1, max_wait_ms and drain_timeout >= 0, got {max_batch_size}, "
-            f"{max_wait_ms}, {drain_timeout}"
+            "--prefix-cache-tokens sets the built-in engine's causal prefix cache; on --engine vllm prefix "
+            "caching stays off (a cached causal prefix would stand in for the mixed one)"
+        )
+    prefix_cache_tokens = 2048 if prefix_cache_tokens is None else prefix_cache_tokens
+    if max_batch_size < 1 or max_wait_ms < 0 or drain_timeout < 0 or prefix_cache_tokens < 0:
+        raise ValueError(
+            f"max_batch_size must be >= 1, max_wait_ms, drain_timeout and prefix_cache_tokens >= 0, got "
+            f"{max_batch_size}, {max_wait_ms}, {drain_timeout}, {prefix_cache_tokens}"
         )
     if engine not in ("builtin", "vllm"):
         raise ValueError(f"engine must be 'builtin' or 'vllm', got {engine!r}")
-    if vllm_args and engine != "vllm":
-        raise ValueError(f"vLLM options {list(vllm_args)} need --engine vllm")
     options = {}
     if engine == "vllm":
         require_package("vllm", "make setup-vllm (README 'Serving on vLLM')", "bitune serve --engine vllm")
@@ -83,6 +92,7 @@ def serve(
         max_batch_size=max_batch_size,
         max_wait_ms=max_wait_ms,
         engine=decoder,
+        prefix_cache_tokens=prefix_cache_tokens,
     )
     AppStatus.disable_automatic_graceful_drain()  # streams end with their answers: let them finish on SIGTERM
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_timeout)

@@ -47,10 +47,17 @@ def create_app(
     max_batch_size: int = 8,
     max_wait_ms: float = 0.0,
     engine: Engine | None = None,
+    prefix_cache_tokens: int = 2048,
 ) -> FastAPI:
     """The FastAPI application serving ``loaded`` under ``model_name`` (see the module docstring), decoded
-    by ``engine`` (default: a `BatchingEngine` of ``max_batch_size`` and ``max_wait_ms``)."""
-    engine = engine or BatchingEngine(loaded, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+    by ``engine`` (default: a `BatchingEngine` of ``max_batch_size``, ``max_wait_ms`` and
+    ``prefix_cache_tokens``)."""
+    engine = engine or BatchingEngine(
+        loaded,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        prefix_cache_tokens=prefix_cache_tokens,
+    )
 
     async def lifespan(app: FastAPI):
         engine.start()
@@ -76,7 +83,7 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name}
+        return {"status": "ok", "model": model_name, "engine": engine.stats()}
 
     @app.get("/v1/models")
     async def models() -> ModelList:

@@ -16,7 +16,8 @@ logits). Each step:
   it read (its longer prompt's padding of the others), so the others decode on without it;
 - requests that arrived meanwhile join the running batch while it has room: they are prefilled together
   (inside the next decoding step's forward where the model allows, `BituneModel.can_join`: a merged model's
-  small prefill; after the step otherwise) and their mixed caches are merged into the running one (the
+  small prefill, which also reuses the causal prompt pass of a shared prefix, `bitune.method.prefixes`; after
+  the step otherwise) and their mixed caches are merged into the running one (the
   shorter side left-padded with masked columns, each row keeping its own positions), so nobody waits for a
   batch to finish. Caches that cannot
   be merged this way (sliding-window or other non-plain cache layers) make new requests wait for the next
@@ -37,6 +38,8 @@ from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..inference import LoadedModel
+from ..method.batching import pad_columns_left
+from ..method.prefixes import CausalPrefixes
 
 # a token, its log-probability and the most likely alternatives (token, log-probability), from fp32 logits
 TokenLogprob = tuple[int, float, tuple[tuple[int, float], ...]]
@@ -144,9 +147,11 @@ class _Batch:
         theirs_layers = other.cache.layers or [None] * len(self.cache.layers)  # one-token prompts: no cache
         for mine, theirs in zip(self.cache.layers, theirs_layers, strict=True):
             keys, values = _keys_values(theirs, len(other.rows), like=mine.keys)
-            mine.keys = torch.cat([_pad_left(mine.keys, width - 1), _pad_left(keys, width - 1)])
-            mine.values = torch.cat([_pad_left(mine.values, width - 1), _pad_left(values, width - 1)])
-        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask, width)])
+            mine.keys = torch.cat([pad_columns_left(mine.keys, width - 1), pad_columns_left(keys, width - 1)])
+            mine.values = torch.cat(
+                [pad_columns_left(mine.values, width - 1), pad_columns_left(values, width - 1)]
+            )
+        self.mask = torch.cat([pad_columns_left(self.mask, width), pad_columns_left(other.mask, width)])
         self.positions = torch.cat([self.positions, other.positions])
         self.current = torch.cat([self.current, other.current])
         self.rows = self.rows + other.rows
@@ -158,13 +163,6 @@ def _keys_values(layer, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, to
         empty = like.new_zeros((rows, like.shape[1], 0, like.shape[3]))
         return empty, empty
     return layer.keys, layer.values
-
-
-def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """``tensor`` zero-padded on the left of its sequence dimension (the last for masks, -2 for K/V) to ``width``."""
-    if tensor.dim() == 2:
-        return torch.nn.functional.pad(tensor, (width - tensor.shape[1], 0))
-    return torch.nn.functional.pad(tensor, (0, 0, width - tensor.shape[-2], 0))
 
 
 class Engine:
@@ -198,6 +196,10 @@ class Engine:
 
     def _work(self) -> None:
         raise NotImplementedError
+
+    def stats(self) -> dict:
+        """Counters for /health: requests answered (by how they ended) and those that joined a running batch."""
+        return {"finished": dict(self.finished), "joined": self.joined}
 
     # ------------------------------------------------------------------- shared by the engines
     def _take(self, limit: int, wait: float) -> list[GenerationRequest]:
@@ -284,13 +286,32 @@ class Engine:
 class BatchingEngine(Engine):
     """See the module docstring."""
 
-    def __init__(self, loaded: LoadedModel, max_batch_size: int = 8, max_wait_ms: float = 0.0) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_batch_size: int = 8,
+        max_wait_ms: float = 0.0,
+        prefix_cache_tokens: int = 2048,
+    ) -> None:
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         super().__init__(loaded, max_batch_size)
         self.max_wait = max_wait_ms / 1000
+        # the causal prompt pass's keys and values of recent prompts, for the shared prefixes of later ones
+        self.prefixes = CausalPrefixes(prefix_cache_tokens) if prefix_cache_tokens else None
         self.prefilled_while_decoding = 0  # joining requests prefilled inside a decoding step (tests, logs)
         self._running: list[GenerationRequest] = []  # the requests of the batch being run
+
+    def stats(self) -> dict:
+        """`Engine.stats`, the requests prefilled inside a decoding step, and the causal prefix cache's use."""
+        stats = {**super().stats(), "prefilled_while_decoding": self.prefilled_while_decoding}
+        if self.prefixes is not None:
+            stats["prefix_cache"] = {
+                "hits": self.prefixes.hits,
+                "tokens_reused": self.prefixes.tokens_reused,
+                "tokens_stored": self.prefixes.tokens,
+            }
+        return stats
 
     # ------------------------------------------------------------------------------------- the worker
     def _work(self) -> None:
@@ -320,7 +341,7 @@ class BatchingEngine(Engine):
             step = (batch.cache, batch.current, batch.mask, batch.positions)
             prompts = [r.prompt_ids for r in joining]
             if prompts and model.can_join(prompts):
-                logits, prefilled = model.decode_joining(*step, prompts)
+                logits, prefilled = model.decode_joining(*step, prompts, self.prefixes)
                 joined = self._as_batch(joining, prefilled)
             else:
                 logits = model.decode(*step)
@@ -344,7 +365,10 @@ class BatchingEngine(Engine):
         return []
 
     def _prefill(self, requests: list[GenerationRequest]) -> _Batch:
-        return self._as_batch(requests, self.loaded.model.prefill_tokens([r.prompt_ids for r in requests]))
+        model, prompts = self.loaded.model, [r.prompt_ids for r in requests]
+        if self.prefixes is not None and model.can_join(prompts):  # reuses and stores causal prefixes
+            return self._as_batch(requests, model.prefill_joined(prompts, self.prefixes))
+        return self._as_batch(requests, model.prefill_tokens(prompts))
 
     def _as_batch(self, requests: list[GenerationRequest], prefilled) -> _Batch:
         rows = [_Row(r) for r in requests]
