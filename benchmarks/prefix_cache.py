@@ -4,12 +4,13 @@ template opens every prompt with the same system turn.
 
     python benchmarks/prefix_cache.py [--repeats 9]
 
-Three prefills, each one prompt (what an engine serving one client does per request): `prefill_tokens` (both
-passes stacked, the path without a prefix cache), `prefill_joined` with an empty prefix cache (the joined
-forward itself), and `prefill_joined` reusing the causal pass of the cached system turn. Then a decoding
+Three ways to the first answer token of one prompt (what an engine serving one client does per request):
+`prefill_tokens` (both passes stacked) and then `decode` of the prompt's last token over the mixed cache (two
+forwards, the path without joining), `prefill_joined` with an empty prefix cache (one joined forward that
+also reads the last token), and `prefill_joined` reusing the causal pass of the cached system turn. Then a decoding
 step of a 16-row batch over 100 cache columns with two newcomers joined in it, without and with the prefix
 cache. Each figure is the best of ``--repeats`` rounds, the contenders taking turns within a round; the
-ratios are to the path without a prefix cache, measured in the same run. Do not run it while other jobs use
+ratios are to the first contender of each group, measured in the same run. Do not run it while other jobs use
 the CPU.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from bitune import BituneConfig, get_bitune_model
+from bitune.method.joining import started_apart
 from bitune.method.prefixes import CausalPrefixes
 from bitune.references import load_model
 
@@ -76,7 +78,10 @@ def main() -> None:
     with torch.no_grad():
         prefills = best_of(
             {
-                "prefill_tokens (no prefix cache)": (lambda: None, lambda _: model.prefill_tokens([one])),
+                "prefill_tokens + decode (no prefix cache)": (
+                    lambda: None,
+                    lambda _: started_apart(model, [one]),
+                ),
                 "prefill_joined, empty prefix cache": (
                     CausalPrefixes,
                     lambda c: model.prefill_joined([one], c),

@@ -148,6 +148,16 @@ def merged_copy(model):
     return merged
 
 
+def assert_same_start(model, ours, theirs) -> None:
+    """Two `bitune.method.joining.Started` batches give the same first logits and, from their caches, the same next logits."""
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=1e-5)
+    assert ours.attention_mask.equal(theirs.attention_mask)
+    mask = torch.cat([ours.attention_mask, torch.ones_like(ours.attention_mask[:, :1])], dim=1)
+    chosen = ours.logits.argmax(-1)[:, None]
+    after = [model.decode(s.cache, chosen, mask, s.positions) for s in (ours, theirs)]
+    torch.testing.assert_close(after[0], after[1], atol=1e-5, rtol=1e-5)
+
+
 def zero_thetas(model) -> None:
     with torch.no_grad():
         model.mixing.theta_k.zero_()

@@ -12,6 +12,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from bitune import BituneConfig, get_bitune_model
+from bitune.method.joining import started_apart
 from bitune.method.merging import merge_problem, without_tuners
 from bitune.method.model import BituneModel
 from bitune.method.prompt_passes import SMALL_PREFILL_TOKENS
@@ -21,6 +22,7 @@ from conftest import (
     LENGTHS,
     PROMPTS,
     VARIANTS,
+    assert_same_start,
     bitune_pair,
     make_batch,
     merged_copy,
@@ -141,19 +143,16 @@ def test_a_merged_model_stacks_its_small_prefills_into_one_forward_with_the_same
 
 @torch.no_grad()
 def joined_step_agrees(model: BituneModel) -> None:
-    """`decode_joining` gives `decode`'s logits for a decoding batch and `prefill_tokens`'s cache for the
-    newcomers: their next logits from it equal those from a separate prefill."""
+    """`decode_joining` gives `decode`'s logits for a decoding batch, and for the newcomers the first logits
+    and the cache of `prefill_tokens` followed by `decode` of each one's last token (`started_apart`)."""
     batch = model.prefill_tokens([[5, 9, 3, 7, 2, 8], [4, 6]])
-    newcomers = [[11, 12, 13, 14, 15], [16, 17, 18]]
+    newcomers = [[11, 12, 13, 14, 15], [16, 17, 18], [19]]  # a one-token prompt: only its starting token
     step = (batch.input_ids[:, -1:], batch.attention_mask, batch.positions)
-    apart_cache, apart_new = copy.deepcopy(batch.cache), model.prefill_tokens(newcomers)
+    apart_cache, apart_new = copy.deepcopy(batch.cache), started_apart(model, newcomers)
     expected = model.decode(apart_cache, *step)
     logits, joined = model.decode_joining(batch.cache, *step, newcomers)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
-    after_joined, after_apart = (
-        model.decode(p.cache, p.input_ids[:, -1:], p.attention_mask, p.positions) for p in (joined, apart_new)
-    )
-    torch.testing.assert_close(after_joined, after_apart, atol=1e-5, rtol=1e-5)
+    assert_same_start(model, joined, apart_new)
     torch.testing.assert_close(  # the decoding batch's cache grew by the step as with decode
         model.decode(batch.cache, *_next(step)), model.decode(apart_cache, *_next(step)), atol=1e-5, rtol=1e-5
     )

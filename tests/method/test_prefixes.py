@@ -10,9 +10,10 @@ import copy
 import pytest
 import torch
 
+from bitune.method.joining import started_apart
 from bitune.method.prefixes import MIN_PREFIX_TOKENS, CausalPrefixes
 
-from conftest import ARCH_NAMES, JOINS, VARIANTS, bitune_pair, merged_copy, moved_thetas
+from conftest import ARCH_NAMES, JOINS, VARIANTS, assert_same_start, bitune_pair, merged_copy, moved_thetas
 
 SHARED = list(range(3, 3 + MIN_PREFIX_TOKENS + 4))  # a "system prompt" of 12 tokens
 FIRST, SECOND, THIRD = [*SHARED, 40, 41, 42], [*SHARED, 50, 51, 52, 53, 54], [*SHARED, 60]
@@ -25,14 +26,14 @@ def merged_model(arch: str = "llama", variant: str = "bitune"):
 
 
 def assert_same_prefill(model, ours, prompts) -> None:
-    """``ours`` (a `Prefilled`) holds `prefill_tokens`' cache over the real columns and gives its next logits."""
-    alone = model.prefill_tokens(prompts)
-    real = alone.attention_mask[:, :-1].bool()[:, None, :, None]
+    """``ours`` (a `Started`) holds the cache of `prefill_tokens` then `decode` of each prompt's last token
+    over the real columns, and gives its first and next logits."""
+    alone = started_apart(model, prompts)
+    real = alone.attention_mask.bool()[:, None, :, None]
     for mine, theirs in zip(ours.cache.layers, alone.cache.layers, strict=True):
         torch.testing.assert_close(mine.keys * real, theirs.keys * real, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(mine.values * real, theirs.values * real, atol=1e-5, rtol=1e-5)
-    after = [model.decode(p.cache, p.input_ids[:, -1:], p.attention_mask, p.positions) for p in (ours, alone)]
-    torch.testing.assert_close(after[0], after[1], atol=1e-5, rtol=1e-5)
+    assert_same_start(model, ours, alone)
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCH_NAMES if JOINS.get(a, True)])  # the others never join

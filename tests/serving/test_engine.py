@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bitune.inference import generate_text, load_for_inference, prompt_ids
-from bitune.serving.engine import BatchingEngine, Completion, GenerationRequest
+from bitune.serving.engine import BatchingEngine, Completion, GenerationRequest, _Batch, _Row
 
 
 @pytest.fixture(scope="module")
@@ -224,10 +224,14 @@ def test_a_batch_drops_the_cache_columns_that_no_row_reads_and_decodes_on_alike(
     tokenizer = loaded.tokenizer
     long = tokenizer("the quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
     short = tokenizer("hi", add_special_tokens=False)["input_ids"]
-    engine = BatchingEngine(loaded, max_batch_size=4)
-    batch = engine._prefill([GenerationRequest(list(long), 4), GenerationRequest(list(short), 4)])
-    alone = engine._prefill([GenerationRequest(list(short), 4)])
     model = loaded.model
+
+    def prefilled(prompts: list[list[int]]) -> _Batch:  # a batch about to decode its prompts' last tokens
+        p = model.prefill_tokens(prompts)
+        rows = [_Row(GenerationRequest(list(ids), 4)) for ids in prompts]
+        return _Batch(rows, p.cache, p.attention_mask, p.positions, p.input_ids[:, -1:])
+
+    batch, alone = prefilled([long, short]), prefilled([short])
     for b in (batch, alone):
         b.logits = model.decode(b.cache, b.current, b.mask, b.positions)[:, -1]
     token = int(alone.logits[0].argmax())

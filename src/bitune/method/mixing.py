@@ -75,12 +75,26 @@ class KVMixing(nn.Module):
         into the B-row mixed cache (in place, as `forward`)."""
         if len(cache.layers) != self.num_layers:
             raise ValueError(f"KVMixing has {self.num_layers} layers but the cache has {len(cache.layers)}")
-        alpha_k, alpha_v = self.ratios()
+        ratios = self.ratios()
         for i, layer in enumerate(cache.layers):
-            keys, values = layer.keys, layer.values  # (2B, H_kv, T, D)
-            layer.keys = mix(keys[:batch_size], keys[batch_size:], alpha_k[i])
-            layer.values = mix(values[:batch_size], values[batch_size:], alpha_v[i])
+            layer.keys, layer.values = self.mix_rows(layer.keys, layer.values, batch_size, i, ratios)
         return cache
+
+    def mix_rows(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        batch_size: int,
+        layer: int,
+        ratios: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s (2B, H_kv, T, D) stacked keys and values (rows [0, B) causal, [B, 2B)
+        bidirectional) mixed into B rows with ``ratios`` (`ratios()`, computed once for all layers)."""
+        alpha_k, alpha_v = ratios
+        return (
+            mix(keys[:batch_size], keys[batch_size:], alpha_k[layer]),
+            mix(values[:batch_size], values[batch_size:], alpha_v[layer]),
+        )
 
     def _apply(self, fn, recurse=True):
         # `.to(bfloat16)`, `.half()` and friends must not lower the thetas' precision (paper section 3.1).

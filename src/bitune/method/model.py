@@ -53,7 +53,7 @@ from .batching import (
 )
 from .config import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig
 from .generation import generate_from_prefill
-from .joining import JoinedCache, RowGroup, joining_agrees, running_joined
+from .joining import JoinedCache, RowGroup, Started, joining_agrees, running_joined
 from .loss import answer_loss, linear_cross_entropy
 from .merging import merge_for_inference, merge_problem, without_tuners
 from .mixing import KVMixing
@@ -347,24 +347,23 @@ class BituneModel(nn.Module):
         position_ids: torch.Tensor,
         prompts: Sequence[Sequence[int]],
         prefixes: CausalPrefixes | None = None,
-    ) -> tuple[torch.Tensor, Prefilled]:
-        """`decode` for one step (T = 1) and `prefill_tokens` for ``prompts``, in one forward (`joining.py`;
-        check `can_join` first). With ``prefixes``, the causal pass reuses (and stores) the cached keys and
-        values of the prompts' shared prefixes (`prefixes.py`).
+    ) -> tuple[torch.Tensor, Started]:
+        """`decode` for one step (T = 1), and for ``prompts`` `prefill_tokens` followed by `decode` of each
+        one's last token, all in one forward (`joining.py`; check `can_join` first). With ``prefixes``, the
+        causal pass reuses (and stores) the cached keys and values of the prompts' shared prefixes
+        (`prefixes.py`).
 
         Returns:
-            ``decode``'s (B, 1, V) logits, and ``prefill_tokens``'s result for ``prompts``.
+            ``decode``'s (B, 1, V) logits, and ``prompts`` read whole with their first answer token's logits.
         """
         return self._joined((cache, input_ids, attention_mask, position_ids), prompts, prefixes)
 
-    def prefill_joined(self, prompts: Sequence[Sequence[int]], prefixes: CausalPrefixes | None) -> Prefilled:
-        """`prefill_tokens` as a joined forward without decoding rows (check `can_join` first), so that the
-        causal pass can reuse and store ``prefixes``."""
+    def prefill_joined(self, prompts: Sequence[Sequence[int]], prefixes: CausalPrefixes | None) -> Started:
+        """`decode_joining` without decoding rows (check `can_join` first): ``prompts`` read whole, with the
+        first answer token's logits, in one forward, reusing and storing ``prefixes``."""
         return self._joined(None, prompts, prefixes)[1]
 
-    def _joined(
-        self, step, prompts, prefixes: CausalPrefixes | None
-    ) -> tuple[torch.Tensor | None, Prefilled]:
+    def _joined(self, step, prompts, prefixes: CausalPrefixes | None) -> tuple[torch.Tensor | None, Started]:
         ids, mask = left_padded(prompts, device=self.device)
         positions = padded_positions(mask)
         rows_ids, rows_positions, rows_mask, adapters = self.prompt_passes.stacked_rows(
@@ -376,40 +375,48 @@ class BituneModel(nn.Module):
         lead = match.width if match is not None else 0
         groups = [RowGroup(len(ids), width - lead, match), RowGroup(rows - len(ids), width)]
         groups = [g for g in groups if g.rows]
-        decoding, decode_mask = None, None
+        decoding, decode_mask, single_ids, single_positions = None, None, [], []
         if step is not None:
             decoding, decode_ids, decode_padding, decode_positions = step
             decode_mask = decode_padding.bool()[:, None, None, :]
-        joined = JoinedCache(decoding, groups, width, self.base_model.config, rows_mask, decode_mask)
+            single_ids, single_positions = [decode_ids.reshape(-1)], [decode_positions.reshape(-1)]
+        joined = JoinedCache(
+            decoding,
+            groups,
+            width,
+            self.base_model.config,
+            rows_mask,
+            decode_mask,
+            self.prompt_passes.row_mixer(len(ids)),
+            mask.bool()[:, None, None, :],
+        )
 
-        def flat(prompt_part: torch.Tensor, decode_part: torch.Tensor | None) -> torch.Tensor:
-            """Each group's computed columns, then the decoding tokens, as one (1, N) sequence."""
+        def flat(prompt_part: torch.Tensor, singles: list[torch.Tensor]) -> torch.Tensor:
+            """Each group's computed columns, then the decoding and the starting tokens, as one (1, N)."""
             parts = [prompt_part[:, lead:][: len(ids)].reshape(-1), prompt_part[len(ids) :].reshape(-1)]
-            return torch.cat(parts + ([] if decode_part is None else [decode_part.reshape(-1)]))[None]
+            return torch.cat(parts + singles)[None]
 
+        singles = len(ids) + (0 if step is None else len(decode_ids))
         tokens = [a for g, a in zip(_group_of(groups), adapters, strict=True) for _ in range(g.queries)]
-        decoding_rows = 0 if step is None else len(decode_ids)
-        tokens += [CAUSAL_ADAPTER] * decoding_rows
+        tokens += [CAUSAL_ADAPTER] * singles
         inputs = dict(
-            input_ids=flat(rows_ids, None if step is None else decode_ids),
-            position_ids=flat(rows_positions, None if step is None else decode_positions),
+            input_ids=flat(rows_ids, [*single_ids, ids[:, -1]]),
+            position_ids=flat(rows_positions, [*single_positions, positions[:, -1]]),
             attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=ids.device),  # unused
             past_key_values=joined,
             use_cache=True,
         )
-        logits = None
         with self.adapters.per_token(tokens), running_joined(self.base_model, joined):
-            if step is None:
-                self.base_model.get_decoder()(**inputs)
-            else:
-                logits = self.base_model(**inputs, logits_to_keep=decoding_rows).logits[0][:, None]
+            logits = self.base_model(**inputs, logits_to_keep=singles).logits[0]
         if cached:
             prefixes.add(
                 prompts, [(layer.keys[: len(ids)], layer.values[: len(ids)]) for layer in joined.layers]
             )
-        prompt_cache = DynamicCache(config=self.base_model.config)
-        prompt_cache.layers = joined.layers
-        return logits, Prefilled(self.prompt_passes.mix_joined(prompt_cache, len(ids)), ids, mask)
+        started = DynamicCache(config=self.base_model.config)
+        for layer, (keys, values) in sorted(joined.started.items()):
+            started.update(keys, values, layer)
+        decoded = None if step is None else logits[: len(decode_ids), None]
+        return decoded, Started(started, mask, logits[singles - len(ids) :])
 
     def _answer_hidden(self, answer: AnswerPass, cache: Cache) -> torch.Tensor:
         """The answer pass without the LM head: the decoder's last hidden states (B, Ta, H)."""

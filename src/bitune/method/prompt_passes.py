@@ -24,6 +24,8 @@ in the graph with weight zero (`anchored`), which changes no value and no gradie
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -145,7 +147,7 @@ class PromptPasses:
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | dict[str, torch.Tensor], list[str]]:
         """Every pass's rows stacked as `__call__` stacks two passes: (passes * B, Tp) ids and positions,
-        each row's 4D attention mask (`explicit_mask`) and its adapter (`mix_joined` turns their cache into
+        each row's 4D attention mask (`explicit_mask`) and its adapter (`row_mixer` turns their cache into
         the one to answer from)."""
         rows = [p for p in self.passes for _ in range(len(prompt_ids))]
         copies = len(self.passes)
@@ -154,9 +156,16 @@ class PromptPasses:
         )
         return prompt_ids.repeat(copies, 1), positions.repeat(copies, 1), mask, [p.adapter for p in rows]
 
-    def mix_joined(self, cache: DynamicCache, batch_size: int) -> DynamicCache:
-        """The cache to answer from, from the cache of `stacked_rows`' rows (mixed if there are two passes)."""
-        return self.mixing.mix_stacked(cache, batch_size) if len(self.passes) == 2 else cache
+    def row_mixer(
+        self, batch_size: int
+    ) -> Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
+        """``(layer, keys, values) -> (keys, values)``: one layer of `stacked_rows`' cache turned into the
+        cache to answer from (mixed if there are two passes), for a forward that answers from it layer by
+        layer (joining.py)."""
+        if len(self.passes) == 1:
+            return lambda layer, keys, values: (keys, values)
+        ratios = self.mixing.ratios()
+        return lambda layer, keys, values: self.mixing.mix_rows(keys, values, batch_size, layer, ratios)
 
     def _run(
         self,

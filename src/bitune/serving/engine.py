@@ -4,7 +4,9 @@ One worker thread owns the model. It waits for a request, takes what else is que
 ``max_wait_ms`` for more, default 0; up to ``max_batch_size``), prefills them with `BituneModel.prefill`
 (both prompt passes, batched, mixed) and decodes them step by step from the mixed cache with the causal
 adapter, exactly as `BituneModel.generate` does (same positions, same masks, greedy = argmax of the fp32
-logits). Each step:
+logits). Where the model allows (`BituneModel.can_join`: a merged model's small prefill), the prefill is one
+forward that also reads each prompt's last token over the mixed cache, layer by layer as it is built
+(`bitune.method.joining`), so the first token comes out of the prefill itself. Each step:
 
 - every row gets its next token: greedy, or sampled with its request's temperature and top-p (transformers'
   logits warpers) from its request's own generator (so a seeded request samples the same whatever else is
@@ -15,9 +17,9 @@ logits). Each step:
   at once and leaves the batch: its cache rows are dropped, and so are the leading cache columns that only
   it read (its longer prompt's padding of the others), so the others decode on without it;
 - requests that arrived meanwhile join the running batch while it has room: they are prefilled together
-  (inside the next decoding step's forward where the model allows, `BituneModel.can_join`: a merged model's
-  small prefill, which also reuses the causal prompt pass of a shared prefix, `bitune.method.prefixes`; after
-  the step otherwise) and their mixed caches are merged into the running one (the
+  (inside the next decoding step's forward where the model allows, their first tokens with it, reusing the
+  causal prompt pass of a shared prefix, `bitune.method.prefixes`; after the step otherwise) and their mixed
+  caches are merged into the running one (the
   shorter side left-padded with masked columns, each row keeping its own positions), so nobody waits for a
   batch to finish. Caches that cannot
   be merged this way (sliding-window or other non-plain cache layers) make new requests wait for the next
@@ -39,6 +41,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..inference import LoadedModel
 from ..method.batching import pad_columns_left
+from ..method.joining import Started
 from ..method.prefixes import CausalPrefixes
 
 # a token, its log-probability and the most likely alternatives (token, log-probability), from fp32 logits
@@ -336,26 +339,31 @@ class BatchingEngine(Engine):
         model = self.loaded.model
         batch = self._prefill(requests)
         while batch.rows:
-            joining, joined = self._joining(batch), None
+            joining, joined, inside = self._joining(batch), None, False
             self._running += joining
             step = (batch.cache, batch.current, batch.mask, batch.positions)
             prompts = [r.prompt_ids for r in joining]
             if prompts and model.can_join(prompts):
-                logits, prefilled = model.decode_joining(*step, prompts, self.prefixes)
-                joined = self._as_batch(joining, prefilled)
+                logits, started = model.decode_joining(*step, prompts, self.prefixes)
+                joined, inside = self._started_batch(joining, started), True
             else:
                 logits = model.decode(*step)
-            logits = logits[:, -1].float()
-            chosen = [self._next_token(row, logits[i : i + 1]) for i, row in enumerate(batch.rows)]
-            for i, (row, token) in enumerate(zip(batch.rows, chosen, strict=True)):
-                if row.request.logprobs is not None:
-                    row.logprobs.append(token_logprob(logits[i], token, row.request.logprobs))
-            ended = [self._advance(row, token) for row, token in zip(batch.rows, chosen, strict=True)]
-            batch.step(chosen, ended)
+            batch.step(*self._choose(batch.rows, logits[:, -1]))
             if joining:
-                batch.merge(joined or self._prefill(joining))
+                joined = joined or self._prefill(joining)
+                if joined.rows:
+                    batch.merge(joined)
                 self.joined += len(joining)
-                self.prefilled_while_decoding += len(joining) if joined else 0
+                self.prefilled_while_decoding += len(joining) if inside else 0
+
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> tuple[list[int], list[bool]]:
+        """Each row's next token from its (V,) row of ``logits``, sent on; and whether the row has ended."""
+        logits = logits.float()
+        chosen = [self._next_token(row, logits[i : i + 1]) for i, row in enumerate(rows)]
+        for i, (row, token) in enumerate(zip(rows, chosen, strict=True)):
+            if row.request.logprobs is not None:
+                row.logprobs.append(token_logprob(logits[i], token, row.request.logprobs))
+        return chosen, [self._advance(row, token) for row, token in zip(rows, chosen, strict=True)]
 
     def _joining(self, batch: _Batch) -> list[GenerationRequest]:
         """The queued requests that join the running batch at this step (while it has room)."""
@@ -366,22 +374,28 @@ class BatchingEngine(Engine):
 
     def _prefill(self, requests: list[GenerationRequest]) -> _Batch:
         model, prompts = self.loaded.model, [r.prompt_ids for r in requests]
-        if self.prefixes is not None and model.can_join(prompts):  # reuses and stores causal prefixes
-            return self._as_batch(requests, model.prefill_joined(prompts, self.prefixes))
-        return self._as_batch(requests, model.prefill_tokens(prompts))
+        if model.can_join(prompts):  # one forward up to the first token; reuses and stores causal prefixes
+            return self._started_batch(requests, model.prefill_joined(prompts, self.prefixes))
+        prefilled = model.prefill_tokens(prompts)
+        current = prefilled.input_ids[:, -1:]
+        return _Batch(
+            self._rows(requests), prefilled.cache, prefilled.attention_mask, prefilled.positions, current
+        )
 
-    def _as_batch(self, requests: list[GenerationRequest], prefilled) -> _Batch:
+    def _started_batch(self, requests: list[GenerationRequest], started: Started) -> _Batch:
+        """The batch of requests whose prompts were read whole (`Started`): their first tokens are chosen
+        and sent here, and the batch goes on from them (without the requests that ended at once)."""
+        rows = self._rows(requests)
+        batch = _Batch(rows, started.cache, started.attention_mask, started.positions - 1, current=None)
+        batch.step(*self._choose(rows, started.logits))
+        return batch
+
+    def _rows(self, requests: list[GenerationRequest]) -> list[_Row]:
         rows = [_Row(r) for r in requests]
         for row in rows:
             if row.request.prompt_logprobs:
                 row.prompt_logprobs = self._prompt_logprobs(row.request)
-        return _Batch(
-            rows,
-            prefilled.cache,
-            prefilled.attention_mask,
-            prefilled.positions,
-            prefilled.input_ids[:, -1:],
-        )
+        return rows
 
     def _prompt_logprobs(self, request: GenerationRequest) -> list[TokenLogprob | None]:
         """Each prompt token's log-probability given the tokens before it, read causally (the first has none)."""
