@@ -204,7 +204,8 @@ def all_plain_layers(cache: DynamicCache) -> bool:
 def joining_agrees(model) -> bool:
     """Whether ``model`` (a merged `BituneModel`) gives, on a small seeded example, the same logits and
     caches from `BituneModel.decode_joining` as from `decode` and `prefill_tokens` apart, and from
-    `BituneModel.prefill_joined` reusing a cached causal prefix as from `prefill_tokens` (fp32: 1e-4)."""
+    `BituneModel.prefill_joined` reusing a cached causal prefix as from `prefill_tokens` (fp32: 1e-4 of
+    the largest entry)."""
     if getattr(model.base_model.config, "_attn_implementation", None) != "sdpa":
         return False
     generator = torch.Generator().manual_seed(0)
@@ -230,10 +231,15 @@ def joining_agrees(model) -> bool:
     tolerance = 1e-4 if logits.dtype == torch.float32 else 3e-2
 
     def close(a: torch.Tensor, b: torch.Tensor, real: torch.Tensor | None = None) -> bool:
-        """Equal to ``tolerance`` (over the real tokens' columns: a padding column holds what no one reads)."""
+        """Equal to ``tolerance`` of the larger of 1 and ``b``'s largest entry (over the real tokens'
+        columns: a padding column holds what no one reads). Scaled, because a forward of other shapes sums
+        in another order: on SmolLM2-135M the first logits (up to about 30) differ by 2e-4 in fp32."""
+        if a.shape != b.shape:
+            return False
         if real is not None:
-            a, b = (t.float() * real[:, None, :, None] for t in (a, b))
-        return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=tolerance, atol=tolerance)
+            a, b = (t * real[:, None, :, None] for t in (a, b))
+        a, b = a.float(), b.float()
+        return bool((a - b).abs().max() <= tolerance * max(1.0, float(b.abs().max())))
 
     started = [(joined, apart[1]), (reused, apart[2])]
     caches = [(batch.cache, apart_cache, batch.attention_mask)]
