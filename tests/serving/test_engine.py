@@ -242,3 +242,29 @@ def test_a_batch_drops_the_cache_columns_that_no_row_reads_and_decodes_on_alike(
     after = model.decode(batch.cache, batch.current, batch.mask, batch.positions)[:, -1]
     expected = model.decode(alone.cache, alone.current, alone.mask, alone.positions)[:, -1]
     torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_burst_is_admitted_a_few_at_a_time_inside_decoding_steps_and_answers_as_alone(loaded, monkeypatch):
+    """Requests arriving together beyond what one joined forward takes are not prefilled as one large batch
+    (which stalls every running stream): each step admits what fits, inside its forward, and the rest wait
+    first in line; every answer is the one served alone."""
+    topics = ["cats", "dogs", "rivers", "stars", "trains", "bread", "snow", "glass"]
+    prompts = [prompt_ids(loaded, [{"role": "user", "content": f"tell me about {t} please"}]) for t in topics]
+    model = loaded.model
+    engine = BatchingEngine(loaded, max_batch_size=len(prompts))
+    engine.start()
+    try:
+        alone = [complete(engine, GenerationRequest(list(p), max_tokens=8))[0].text for p in prompts]
+        assert model.can_join(prompts[:1]) and not model.can_join(prompts)  # more than one forward takes
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a large prefill outside the decoding steps")
+
+        joined = engine.prefilled_while_decoding
+        with monkeypatch.context() as patch:
+            patch.setattr(model, "prefill_tokens", refuse)
+            burst = complete(engine, *(GenerationRequest(list(p), max_tokens=8) for p in prompts))
+        assert engine.prefilled_while_decoding > joined
+    finally:
+        engine.stop()
+    assert [c.text for c in burst] == alone

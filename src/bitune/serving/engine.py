@@ -21,7 +21,9 @@ forward that also reads each prompt's last token over the mixed cache, layer by 
   causal prompt pass of a shared prefix, `bitune.method.prefixes`; after the step otherwise) and their mixed
   caches are merged into the running one (the
   shorter side left-padded with masked columns, each row keeping its own positions), so nobody waits for a
-  batch to finish. Caches that cannot
+  batch to finish. Where the model joins, a burst of requests is admitted a few at a time, as many per step
+  as one joined forward takes, the others waiting first in line, so that no step stalls the running
+  streams with one large prefill. Caches that cannot
   be merged this way (sliding-window or other non-plain cache layers) make new requests wait for the next
   batch instead.
 """
@@ -31,7 +33,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -304,6 +306,7 @@ class BatchingEngine(Engine):
         self.prefixes = CausalPrefixes(prefix_cache_tokens) if prefix_cache_tokens else None
         self.prefilled_while_decoding = 0  # joining requests prefilled inside a decoding step (tests, logs)
         self._running: list[GenerationRequest] = []  # the requests of the batch being run
+        self._waiting: deque[GenerationRequest] = deque()  # taken from the queue, left for a later step
 
     def stats(self) -> dict:
         """`Engine.stats`, the requests prefilled inside a decoding step, and the causal prefix cache's use."""
@@ -318,12 +321,11 @@ class BatchingEngine(Engine):
 
     # ------------------------------------------------------------------------------------- the worker
     def _work(self) -> None:
-        while not self._closing:
-            first = self.requests.get()
+        while self._waiting or not self._closing:
+            first = self._waiting.popleft() if self._waiting else self.requests.get()
             if first is None:
                 return
-            batch = [first, *self._take(self.max_batch_size - 1, wait=self.max_wait)]
-            live = self._live(batch)
+            live = self._admitted([first, *self._queued(self.max_batch_size - 1, wait=self.max_wait)])
             if live:
                 self._running = list(live)  # and those that join it
                 try:
@@ -368,9 +370,30 @@ class BatchingEngine(Engine):
     def _joining(self, batch: _Batch) -> list[GenerationRequest]:
         """The queued requests that join the running batch at this step (while it has room)."""
         room = self.max_batch_size - len(batch.rows)
-        if room > 0 and not self.requests.empty() and batch.can_merge():
-            return self._live(self._take(room, wait=0.0))
+        if room > 0 and (self._waiting or not self.requests.empty()) and batch.can_merge():
+            return self._admitted(self._queued(room, wait=0.0))
         return []
+
+    def _queued(self, limit: int, wait: float) -> list[GenerationRequest]:
+        """Up to ``limit`` requests: those left waiting first, then from the queue (waiting up to ``wait``
+        seconds only if none were left waiting)."""
+        taken = [self._waiting.popleft() for _ in range(min(limit, len(self._waiting)))]
+        return taken + self._take(limit - len(taken), wait=0.0 if taken else wait)
+
+    def _admitted(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        """Of ``requests`` (in arrival order, the cancelled answered and dropped), those prefilled now: as
+        many as one joined forward takes (`BituneModel.can_join`), the rest left waiting, first in line, for
+        the next steps, so that a burst of requests is prefilled a few at a time inside decoding steps
+        rather than as one large prefill that stalls every running stream; all of them if not even the
+        first one can join (they are prefilled together, as a model that never joins prefills)."""
+        live, model = self._live(requests), self.loaded.model
+        admitted = 0
+        while admitted < len(live) and model.can_join([r.prompt_ids for r in live[: admitted + 1]]):
+            admitted += 1
+        if not admitted:
+            return live
+        self._waiting.extendleft(reversed(live[admitted:]))
+        return live[:admitted]
 
     def _prefill(self, requests: list[GenerationRequest]) -> _Batch:
         model, prompts = self.loaded.model, [r.prompt_ids for r in requests]
