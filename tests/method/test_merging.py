@@ -182,3 +182,20 @@ def test_every_variant_prefills_inside_a_decoding_step_as_apart(variant):
     merged = merged_copy(model.eval())
     assert merged.can_join([[1, 2, 3]])
     joined_step_agrees(merged)
+
+
+@pytest.mark.slow
+def test_the_packaged_smollm2_merged_for_inference_joins_and_starts_as_apart():
+    """On a real model, whose logits reach about 30, the joined forward's once-per-model check passes (a
+    tolerance not scaled to them once kept it from joining) and its first logits are those of a prefill
+    followed by `decode` of each prompt's last token."""
+    from bitune.references import load_model
+
+    base, tokenizer = load_model("smollm2-135m-instruct")
+    model = get_bitune_model(base, BituneConfig()).eval()
+    assert model.merge_for_inference() and model.can_join([[1, 2, 3]])
+    prompts = [tokenizer(text)["input_ids"] for text in ("The capital of France is", "Two and two make")]
+    with torch.no_grad():
+        ours, theirs = model.prefill_joined(prompts, None), started_apart(model, prompts)
+    assert (ours.logits - theirs.logits).abs().max() <= 1e-4 * theirs.logits.abs().max()
+    assert ours.logits.argmax(-1).equal(theirs.logits.argmax(-1))
