@@ -73,7 +73,7 @@ class JoinedCache(DynamicCache):
     """The cache of a joined forward. Its tokens, in order: the prompt rows' computed columns (the rows of
     ``groups``, group by group), the decoding tokens (one per row of ``decoding``, if any) and the starting
     tokens (each newcomer's last prompt token, one per row of ``start_mask``). Its own layers hold the
-    prompt rows' keys and values (``width`` columns each); ``mixer`` (`PromptPasses.row_mixer`) turns each
+    prompt rows' keys and values (the rows' width of columns each); ``mixer`` (`PromptPasses.row_mixer`) turns each
     layer of them into the newcomers' cache to answer from, which the starting tokens then extend and
     attend over (``started``); the decoding tokens are appended to ``decoding``. ``prompt_mask`` is the
     prompt rows' (rows, 1, width, width) mask, ``decode_mask`` the decoding rows' padding mask,
@@ -83,7 +83,6 @@ class JoinedCache(DynamicCache):
         self,
         decoding: DynamicCache | None,
         groups: list[RowGroup],
-        width: int,
         config,
         prompt_mask: torch.Tensor,
         decode_mask: torch.Tensor | None,
@@ -91,7 +90,7 @@ class JoinedCache(DynamicCache):
         start_mask: torch.Tensor,
     ) -> None:
         super().__init__(config=config)
-        self.decoding, self.groups, self.width = decoding, groups, width
+        self.decoding, self.groups = decoding, groups
         self.prompt_mask, self.decode_mask, self.start_mask = prompt_mask, decode_mask, start_mask
         self.mixer = mixer
         self.prompt_tokens = sum(g.rows * g.queries for g in groups)

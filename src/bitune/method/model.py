@@ -383,7 +383,6 @@ class BituneModel(nn.Module):
         joined = JoinedCache(
             decoding,
             groups,
-            width,
             self.base_model.config,
             rows_mask,
             decode_mask,
