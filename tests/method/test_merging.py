@@ -12,7 +12,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from bitune import BituneConfig, get_bitune_model
-from bitune.method.joining import started_apart
+from bitune.method.joining import attention_configs, started_apart
 from bitune.method.merging import merge_problem, without_tuners
 from bitune.method.model import BituneModel
 from bitune.method.prompt_passes import SMALL_PREFILL_TOKENS
@@ -182,6 +182,25 @@ def test_every_variant_prefills_inside_a_decoding_step_as_apart(variant):
     merged = merged_copy(model.eval())
     assert merged.can_join([[1, 2, 3]])
     joined_step_agrees(merged)
+
+
+def test_a_joined_forward_finds_the_attention_configs_once_and_restores_them(monkeypatch):
+    """The configs a joined forward switches to its attention are found by walking the model's modules once
+    (a walk per step cost as much as a step's attention); each forward restores their implementation."""
+    model, _ = bitune_pair("llama")
+    moved_thetas(model)
+    merged = merged_copy(model.eval())
+    joined_step_agrees(merged)
+    configs = attention_configs(merged.base_model)
+    assert configs and all(c._attn_implementation == "sdpa" for c in configs)
+
+    def walked(*args, **kwargs):
+        raise AssertionError("the modules were walked again")
+
+    monkeypatch.setattr(merged.base_model, "modules", walked)
+    joined_step_agrees(merged)
+    assert attention_configs(merged.base_model) is configs
+    assert all(c._attn_implementation == "sdpa" for c in configs)
 
 
 @pytest.mark.slow
