@@ -26,6 +26,15 @@ def test_a_baseline_must_be_a_method(tmp_path):
     path.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=r"evaluation\.baseline 'lorra' is not a method"):
         load_compare_config(path)
+    raw["evaluation"]["baseline"] = "lora"
+    raw["evaluation"]["also_against"] = ["pretrained", "bitune"]
+    path.write_text(json.dumps(raw))
+    assert load_compare_config(path).comparisons == ["lora", "pretrained", "bitune"]
+    for also, problem in ((["bittune"], "names 'bittune', which is not a method"), (["lora"], "repeats")):
+        raw["evaluation"]["also_against"] = also
+        path.write_text(json.dumps(raw))
+        with pytest.raises(ValueError, match=rf"evaluation\.also_against {problem}"):
+            load_compare_config(path)
 
 
 def committed_report(path: Path) -> Path | None:

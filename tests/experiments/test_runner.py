@@ -3,6 +3,7 @@ continuing from a committed report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from bitune.experiments import run_grid
@@ -188,7 +189,16 @@ def test_runs_scored_before_outcomes_were_recorded_are_scored_again_only_when_at
     assert (
         "Each method against lora, question by question" in table
         and "| bitune | arc_easy | 2 vs 2 | " in table
+        and "Each method against bitune" not in table
     )
+    also = dataclasses.replace(
+        config, evaluation=dataclasses.replace(config.evaluation, also_against=["bitune"])
+    )
+    run_grid(also, report_only=True)  # a second table, against bitune, from the same records
+    table = (tmp_path / "grid" / "results.md").read_text()
+    lora_first = table.index("Each method against lora")
+    assert table.index("Each method against bitune") > lora_first
+    assert "| lora | arc_easy | 2 vs 2 | " in table[table.index("Each method against bitune") :]
 
     import shutil
 

@@ -77,6 +77,13 @@ class EvaluationSection:
             "trained method)."
         },
     )
+    also_against: List[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Further methods every other one is also compared with, question by question, each in a "
+            "table of its own after the baseline's (e.g. prompt repetition beside LoRA)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -162,6 +169,14 @@ class CompareConfig:
             raise ValueError(
                 f"evaluation.baseline {baseline!r} is not a method; methods: {sorted(self.methods)}"
             )
+        for other in self.evaluation.also_against:
+            if other not in self.methods:
+                raise ValueError(
+                    f"evaluation.also_against names {other!r}, which is not a method; methods: "
+                    f"{sorted(self.methods)}"
+                )
+        if len(set(self.comparisons)) != len(self.comparisons):
+            raise ValueError(f"evaluation.also_against repeats a method or the baseline: {self.comparisons}")
         for task in self.grid_tasks:  # validate every run config before anything is trained
             for name in self.methods:
                 self.run_config(name, self.seeds[0], task)
@@ -179,6 +194,12 @@ class CompareConfig:
         """The method the others are compared with question by question."""
         trained = [m for m in self.methods if self.is_trained(m)]
         return self.evaluation.baseline or (trained[0] if trained else None)
+
+    @property
+    def comparisons(self) -> list[str]:
+        """The methods the others are compared with, question by question: the baseline, then
+        ``evaluation.also_against``."""
+        return ([self.baseline] if self.baseline else []) + list(self.evaluation.also_against)
 
     @property
     def grid_tasks(self) -> list[str]:

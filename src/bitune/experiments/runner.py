@@ -220,15 +220,16 @@ def write_report(config: CompareConfig, report: GridReport, failures: list[dict]
     if note:
         tables += "\n\n" + note
     fixed = {m for m in config.methods if not config.is_trained(m)}
-    paired = paired_table(results, tasks, config.baseline, fixed) if config.baseline else ""
-    if paired:
-        tables += (
-            f"\n\nEach method against {config.baseline}, question by question ({config.evaluation.metric}; "
-            "per question, the outcome averaged over seeds). The paired standard error is over the questions "
-            "alone; the one with seeds adds the run-level variance (a whole run better or worse on every "
-            "question) and gives the interval and the difference the design detects at 80 % power (two-sided "
-            "test at 5 %)\n\n" + paired
-        )
+    for baseline in config.comparisons:
+        paired = paired_table(results, tasks, baseline, fixed)
+        if paired:
+            tables += (
+                f"\n\nEach method against {baseline}, question by question ({config.evaluation.metric}; "
+                "per question, the outcome averaged over seeds). The paired standard error is over the "
+                "questions alone; the one with seeds adds the run-level variance (a whole run better or worse "
+                "on every question) and gives the interval and the difference the design detects at 80 % "
+                "power (two-sided test at 5 %)\n\n" + paired
+            )
     curves = curve_tables(config, report)
     if curves:
         tables += "\n\n" + curves
