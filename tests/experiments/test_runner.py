@@ -81,6 +81,26 @@ def test_grid_resumes_and_isolates_failures(tmp_path, monkeypatch):
     assert not run_grid(config)["failures"]
 
 
+def test_a_run_whose_scoring_fails_keeps_its_training_wall_time(tmp_path, monkeypatch):
+    config = grid_config(tmp_path, methods={"bitune": {}})
+    config.seeds = [1]
+    import bitune.evaluation.runner
+
+    real = bitune.evaluation.runner.evaluate_target
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed while scoring")
+
+    monkeypatch.setattr(bitune.evaluation.runner, "evaluate_target", killed)
+    assert run_grid(config)["failures"]
+    trained = json.loads((config.run_dir("bitune", 1) / "record.json").read_text())
+    assert trained["seconds"]["train"] > 0 and "eval" not in trained["seconds"] and not trained["scores"]
+    monkeypatch.setattr(bitune.evaluation.runner, "evaluate_target", real)
+    assert not run_grid(config)["failures"]
+    run = json.loads((config.report_path / "results.json").read_text())["runs"]["bitune/seed1"]
+    assert run["seconds"]["train"] == trained["seconds"]["train"] and run["seconds"]["eval"] > 0
+
+
 def test_a_grid_continues_from_its_committed_report_on_a_fresh_machine(tmp_path, monkeypatch):
     config = grid_config(tmp_path, methods={"pretrained": None, "bitune": {}})
     config.report_dir = str(tmp_path / "report")

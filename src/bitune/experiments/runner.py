@@ -87,6 +87,7 @@ def run_one(config: CompareConfig, report: GridReport, task: str, method: str, s
             train(run_config, resume=(run_dir / RUN_CONFIG).exists())
             seconds["train"] = seconds.get("train", 0.0) + time.perf_counter() - began
         record["steps"] = trained_steps(run_dir)
+        _save_record(run_dir, record)  # a scoring stopped later keeps the training's wall time
         target = str(run_dir)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
