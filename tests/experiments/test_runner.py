@@ -170,6 +170,11 @@ def test_report_only_rewrites_the_report_from_records_without_running_anything(t
     assert "| bitune | " in table and "| bitune/seed2 | 4 | " in table  # the runs: updates, times, commands
     assert "Standard error of one run's score on its questions, in points: arc_easy " in table
 
+    config.seeds = [2]  # a call narrowed to one seed keeps the other recorded seeds in the tables
+    narrowed = run_grid(config, report_only=True)
+    assert calls == [] and narrowed["results"] == finished["results"]
+    assert "| bitune/seed1 | 4 | " in (tmp_path / "report" / "results.md").read_text()
+
 
 def test_downstream_grid_trains_per_task_and_plots(tmp_path):
     config = grid_config(tmp_path, methods={"lora": {"bitune.variant": "lora"}, "bitune": {}})

@@ -3,7 +3,7 @@
 - ``loss.png``: training loss over updates, mean over seeds per method;
 - ``ratio_steps.png``: the bidirectional-to-causal ratio over updates, mean over layers and seeds
   (paper Figure 2);
-- ``ratio_layers_<method>.png``: the final ratio of every layer for K and V, first seed (Figure 3);
+- ``ratio_layers_<method>.png``: the final ratio of every layer for K and V, lowest seed (Figure 3);
 - ``curve.png`` (with ``evaluation.curve_steps``): accuracy after each number of updates beside the
   training loss and the mean mixing ratios, mean ± std over seeds: the budget curve.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import ALL, CompareConfig, run_key
 from .plots import plot_bands, plot_lines, plot_ratio_per_layer
 from .record import GridReport
-from .tables import curve_points
+from .tables import curve_points, recorded
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -42,12 +42,13 @@ def plot_grid(config: CompareConfig, report: GridReport, folder: Path) -> list[P
     written = []
     for task in config.grid_tasks:
         task_folder = folder / ("" if task == ALL else task)
-        logs = {
-            m: [report.read_log(run_key(task, m, s)) for s in config.seeds_of(m)]
-            for m in config.methods
-            if config.is_trained(m)
-        }
-        logs = {m: [log for log in runs if log] for m, runs in logs.items()}
+        seeds = {m: set(config.seeds_of(m)) for m in config.methods if config.is_trained(m)}
+        for run_task, method, seed, _ in recorded(config, report):  # with seeds of other calls
+            if run_task == task and method in seeds:
+                seeds[method].add(seed)
+        logs = {m: {s: report.read_log(run_key(task, m, s)) for s in sorted(seeds[m])} for m in seeds}
+        first = {m: next((s for s, log in runs.items() if log), None) for m, runs in logs.items()}
+        logs = {m: [log for log in runs.values() if log] for m, runs in logs.items()}
         logs = {m: runs for m, runs in logs.items() if runs}
         if not logs:
             continue
@@ -66,7 +67,7 @@ def plot_grid(config: CompareConfig, report: GridReport, folder: Path) -> list[P
             ratios[f"{method} K"] = _series(runs, "alpha_k_mean", scale=100)
             ratios[f"{method} V"] = _series(runs, "alpha_v_mean", scale=100)
             last = runs[0][-1]
-            title = f"final ratio per layer, {method} (seed {config.seeds[0]})"
+            title = f"final ratio per layer, {method} (seed {first[method]})"
             written.append(
                 plot_ratio_per_layer(
                     last["alpha_k"], last["alpha_v"], task_folder / f"ratio_layers_{method}.png", title

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import statistics
-from collections.abc import Iterator
 
 from ..evaluation.tables import results_table
 from .config import CompareConfig, run_key
@@ -22,13 +21,29 @@ __all__ = [
 ]
 
 
-def recorded(config: CompareConfig, report: GridReport) -> Iterator[tuple[str, str, int, dict]]:
-    """``(task, method, seed, record)`` of every run of the grid recorded with its current fingerprint, in
-    the grid's order."""
+def recorded(config: CompareConfig, report: GridReport) -> list[tuple[str, str, int, dict]]:
+    """``(task, method, seed, record)`` of every run of the grid recorded with its current fingerprint, and
+    of every recorded run of another seed that fits the same recipe, so that a call narrowed to some seeds
+    (``seeds=[44]``) keeps the others in the report's tables (an untrained method, scored once, only if the
+    grid's own seed of it is not recorded); in the grid's order, seeds ascending."""
+    runs = []
     for task, method, seed in config.runs():
         run = report.reusable(run_key(task, method, seed), config.fingerprint(method, seed, task))
         if run:
-            yield task, method, seed, run
+            runs.append((task, method, seed, run))
+    found = {(task, method) for task, method, _, _ in runs}
+    seeds = {key.rpartition("/seed")[2] for key in report.runs}
+    for seed in sorted({int(s) for s in seeds if s.isdigit()} - set(config.seeds)):
+        for task in config.grid_tasks:
+            for method in config.methods:
+                if (task, method) in found and not config.is_trained(method):
+                    continue
+                run = report.reusable(run_key(task, method, seed), config.fingerprint(method, seed, task))
+                if run:
+                    found.add((task, method))
+                    runs.append((task, method, seed, run))
+    tasks, methods = list(config.grid_tasks), list(config.methods)
+    return sorted(runs, key=lambda r: (tasks.index(r[0]), r[2], methods.index(r[1])))
 
 
 def results_of(config: CompareConfig, report: GridReport) -> dict[str, dict[int, dict]]:
@@ -37,7 +52,7 @@ def results_of(config: CompareConfig, report: GridReport) -> dict[str, dict[int,
     for _, method, seed, run in recorded(config, report):
         if run.get("scores"):
             results.setdefault(method, {}).setdefault(seed, {}).update(run["scores"])
-    return results
+    return {m: dict(sorted(results[m].items())) for m in config.methods if m in results}  # grid's order
 
 
 def curve_points(config: CompareConfig, report: GridReport, task: str, eval_task: str) -> dict[str, dict]:
