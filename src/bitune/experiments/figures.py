@@ -40,16 +40,15 @@ def _means(series: list[tuple[float, float, float]]) -> list[tuple[float, float]
 def plot_grid(config: CompareConfig, report: GridReport, folder: Path) -> list[Path]:
     """Write every plot of the module docstring that the recorded logs and scores allow; return the files."""
     written = []
+    runs_recorded = recorded(config, report)  # with the seeds of other calls
     for task in config.grid_tasks:
         task_folder = folder / ("" if task == ALL else task)
-        seeds = {m: set(config.seeds_of(m)) for m in config.methods if config.is_trained(m)}
-        for run_task, method, seed, _ in recorded(config, report):  # with seeds of other calls
-            if run_task == task and method in seeds:
-                seeds[method].add(seed)
-        logs = {m: {s: report.read_log(run_key(task, m, s)) for s in sorted(seeds[m])} for m in seeds}
-        first = {m: next((s for s, log in runs.items() if log), None) for m, runs in logs.items()}
-        logs = {m: [log for log in runs.values() if log] for m, runs in logs.items()}
-        logs = {m: runs for m, runs in logs.items() if runs}
+        logs, first = {}, {}  # method -> the logs of its seeds, ascending; the lowest seed with a log
+        for m in filter(config.is_trained, config.methods):
+            seeds = set(config.seeds_of(m)) | {s for t, n, s, _ in runs_recorded if (t, n) == (task, m)}
+            found = [(s, log) for s in sorted(seeds) if (log := report.read_log(run_key(task, m, s)))]
+            if found:
+                first[m], logs[m] = found[0][0], [log for _, log in found]
         if not logs:
             continue
         losses = {m: _series(runs, "loss") for m, runs in logs.items()}
